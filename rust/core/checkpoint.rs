@@ -1,0 +1,180 @@
+//! A Hugging Face model folder: `model.safetensors`, or shards listed by `model.safetensors.index.json`,
+//! plus `config.json` and the other files (tokenizer, generation config) that travel with it.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::core::error::{Error, Result};
+use crate::core::io::{SafetensorsFile, TensorEntry};
+
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+pub const SINGLE_NAME: &str = "model.safetensors";
+
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    /// Shard files in index order (one entry for a single-file checkpoint).
+    pub shards: Vec<SafetensorsFile>,
+    /// File name of each shard, as the index names it.
+    pub shard_names: Vec<String>,
+    /// Tensor name -> shard number.
+    locate: HashMap<String, usize>,
+    /// `config.json`, when present.
+    pub config: Option<serde_json::Value>,
+    /// Whether the checkpoint came with an index file (and the output must too).
+    pub sharded: bool,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            if dir.exists() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: expected a model folder (config.json + *.safetensors), got a file",
+                    dir.display()
+                )));
+            }
+            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder")));
+        }
+        let config = read_json_if_exists(&dir.join("config.json"))?;
+        let index_path = dir.join(INDEX_NAME);
+        let (shard_names, sharded) = if index_path.exists() {
+            let index = read_json(&index_path)?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::json(&index_path, "no weight_map object"))?;
+            let mut names: Vec<String> = Vec::new();
+            for v in map.values() {
+                let s = v.as_str().ok_or_else(|| Error::json(&index_path, "weight_map values must be file names"))?;
+                if s.contains('/') || s.contains("..") {
+                    return Err(Error::json(&index_path, format!("shard name {s:?} leaves the folder")));
+                }
+                if !names.iter().any(|n| n == s) {
+                    names.push(s.to_string());
+                }
+            }
+            names.sort();
+            (names, true)
+        } else if dir.join(SINGLE_NAME).exists() {
+            (vec![SINGLE_NAME.to_string()], false)
+        } else {
+            let found = list_safetensors(dir)?;
+            match found.len() {
+                1 => (found, false),
+                0 => {
+                    let hint = if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+                        "; it holds only pickle (.bin) weights: convert them to safetensors first \
+                         (e.g. transformers' from_pretrained(...).save_pretrained(..., safe_serialization=True))"
+                    } else {
+                        ""
+                    };
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: no model.safetensors or {INDEX_NAME} found{hint}",
+                        dir.display()
+                    )));
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: several .safetensors files but no {INDEX_NAME} saying how they fit together",
+                        dir.display()
+                    )))
+                }
+            }
+        };
+        let mut shards = Vec::with_capacity(shard_names.len());
+        let mut locate = HashMap::new();
+        for (i, name) in shard_names.iter().enumerate() {
+            let file = SafetensorsFile::open(&dir.join(name))?;
+            for t in file.tensors() {
+                if locate.insert(t.name.clone(), i).is_some() {
+                    return Err(Error::Safetensors {
+                        path: file.path.clone(),
+                        reason: format!("tensor {} appears in more than one shard", t.name),
+                    });
+                }
+            }
+            shards.push(file);
+        }
+        if sharded {
+            // Every tensor the index promises must be where it says.
+            let index = read_json(&index_path)?;
+            for (tensor, shard) in index["weight_map"].as_object().into_iter().flatten() {
+                let shard = shard.as_str().unwrap_or_default();
+                match locate.get(tensor) {
+                    Some(&i) if shard_names[i] == shard => {}
+                    _ => {
+                        return Err(Error::json(
+                            &index_path,
+                            format!("weight_map says tensor {tensor} is in {shard}, but it is not there"),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, shard_names, locate, config, sharded })
+    }
+
+    pub fn get(&self, name: &str) -> Option<(usize, &TensorEntry)> {
+        let &i = self.locate.get(name)?;
+        Some((i, self.shards[i].get(name)?))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.locate.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.shards.iter().flat_map(|s| s.tensors().iter().map(|t| t.name.as_str()))
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.shards.iter().flat_map(|s| s.tensors()).map(|t| t.len).sum()
+    }
+
+    /// `config.json`'s field, if any.
+    pub fn config_str(&self, key: &str) -> Option<&str> {
+        self.config.as_ref()?.get(key)?.as_str()
+    }
+
+    pub fn model_type(&self) -> Option<&str> {
+        self.config_str("model_type")
+    }
+
+    pub fn architecture(&self) -> Option<&str> {
+        self.config.as_ref()?.get("architectures")?.as_array()?.first()?.as_str()
+    }
+}
+
+fn list_safetensors(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::json(path, format!("not valid JSON: {e}")))
+}
+
+pub fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// The index file transformers writes for a sharded checkpoint.
+pub fn index_json(total_size: u64, weight_map: &BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"total_size": total_size},
+        "weight_map": weight_map,
+    })
+}

@@ -1,0 +1,12 @@
+//! The pure-Rust core: no Python types in here. The binding in `rust/py` is a thin layer over it.
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod io;
+pub mod linalg;
+pub mod merge;
+pub mod peft;
+pub mod pool;
+pub mod progress;
+
+pub use error::{Error, Result};
