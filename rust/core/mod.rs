@@ -2,6 +2,7 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod inspect;
 pub mod io;
 pub mod linalg;
 pub mod merge;

@@ -1,0 +1,16 @@
+"""lorafast: fast, exact LoRA tools for safetensors checkpoints, with a Rust core.
+
+>>> import lorafast
+>>> report = lorafast.merge("base-model", ["my-adapter"], "merged")  # doctest: +SKIP
+>>> report.tensors_merged  # doctest: +SKIP
+154
+"""
+
+from __future__ import annotations
+
+from lorafast._core import __version__
+from lorafast.errors import LorafastError
+from lorafast.inspect import inspect_adapter, inspect_checkpoint
+from lorafast.merge import MergeReport, merge
+
+__all__ = ["__version__", "merge", "MergeReport", "inspect_checkpoint", "inspect_adapter", "LorafastError"]

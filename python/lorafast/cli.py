@@ -1,0 +1,161 @@
+"""The `lorafast` command line. Errors are one line on stderr and a non-zero exit, never a traceback
+(set LORAFAST_DEBUG=1 to see one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lorafast import __version__
+from lorafast.errors import LorafastError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from lorafast.merge import merge
+
+    r = merge(
+        args.base,
+        args.adapters,
+        args.out,
+        weights=args.weights,
+        dtype=args.dtype,
+        threads=args.threads,
+        progress=not args.quiet,
+        safe_merge=args.safe_merge,
+        overwrite=args.overwrite,
+    )
+    for w in r.warnings:
+        print(f"lorafast: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        print(
+            f"merged {len(args.adapters)} adapter(s) into {r.output}: {r.tensors_merged} tensors merged, "
+            f"{r.tensors_replaced + r.tensors_added} from the adapter, {r.tensors_copied} copied; "
+            f"{r.bytes_written / 1e9:.3f} GB in {r.seconds:.2f} s"
+        )
+        if r.nonfinite_values:
+            print(f"lorafast: warning: {r.nonfinite_values} merged values are NaN/Inf (use --safe-merge to refuse)",
+                  file=sys.stderr)
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from lorafast.inspect import inspect_adapter, inspect_checkpoint, is_adapter
+
+    if is_adapter(args.path):
+        info = inspect_adapter(args.path)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        cfg = info["config"]
+        print(f"adapter {args.path}: {cfg.get('peft_type')} task={cfg.get('task_type')} r={cfg.get('r')} "
+              f"alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora', False)} dora={cfg.get('use_dora', False)}")
+        print(f"  targets: {cfg.get('target_modules')}  modules_to_save: {cfg.get('modules_to_save')}")
+        print(f"  trainable parameters: {info['trainable_parameters']:,}  file: {_human(info['file_bytes'])}  "
+              f"LoRA modules: {len(info['modules'])}")
+        print(f"  modules changed most (||scaling * B A||_F), top {args.top}:")
+        for m in info["modules"][: args.top]:
+            print(f"    {m['delta_norm']:12.5g}  {m['module']}  (r={m['r']}, scaling={m['scaling']:.4g})")
+        for key in info["saved_tensors"]:
+            print(f"  saved in full: {key}")
+        return 0
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    dtypes: dict[str, int] = {}
+    for t in info["tensors"]:
+        dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + t["bytes"]
+    print(f"checkpoint {args.path}: {len(info['tensors'])} tensors, {info['parameters']:,} parameters, "
+          f"{_human(info['total_bytes'])} in {len(info['shards'])} file(s)")
+    print("  by dtype: " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(dtypes.items())))
+    shown = info["tensors"] if args.all else info["tensors"][: args.top]
+    for t in shown:
+        print(f"    {t['name']}  {t['dtype']}  {t['shape']}  {_human(t['bytes'])}")
+    if len(shown) < len(info["tensors"]):
+        print(f"    ... {len(info['tensors']) - len(shown)} more (--all)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lorafast.demo import run_demo
+
+    run_demo(keep=args.keep, verify=not args.no_verify)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lorafast", description="Fast, exact LoRA tools for safetensors checkpoints.")
+    p.add_argument("--version", action="version", version=f"lorafast {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("merge", help="merge LoRA adapters into a base checkpoint (exact to PEFT)")
+    m.add_argument("base", help="base model folder (safetensors, single file or sharded)")
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapter folder(s)")
+    m.add_argument("-o", "--out", required=True, help="output model folder")
+    m.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
+    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output float dtype (default: as stored)")
+    m.add_argument("--threads", type=int, help="worker threads (default: LORAFAST_NUM_THREADS or all cores)")
+    m.add_argument("--safe-merge", action="store_true", help="refuse to write NaN/Inf produced by the merge")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    m.set_defaults(func=_cmd_merge)
+
+    i = sub.add_parser("inspect", help="describe a checkpoint or an adapter")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--top", type=int, default=10, help="rows to show")
+    i.add_argument("--all", action="store_true", help="list every tensor")
+    i.set_defaults(func=_cmd_inspect)
+
+    d = sub.add_parser("demo", help="make a small model and adapter, merge, and check against PEFT")
+    d.add_argument("--keep", type=Path, help="keep the files in this folder")
+    d.add_argument("--no-verify", action="store_true", help="skip the PEFT comparison")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("lorafast: interrupted", file=sys.stderr)
+        return 130
+    except (LorafastError, OSError, ValueError) as e:
+        if os.environ.get("LORAFAST_DEBUG"):
+            raise
+        print(f"lorafast: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI promises one line, never a traceback
+        if os.environ.get("LORAFAST_DEBUG"):
+            raise
+        print(f"lorafast: internal error: {type(e).__name__}: {e} (set LORAFAST_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
