@@ -102,7 +102,7 @@ def reference_merge(
                 A, B, _, s, mag = parts[0]
                 delta = (B @ A) * s
             else:
-                A = torch.cat([p[0] * (p[2] * p[3]) for p in parts])
+                A = torch.cat([p[0] * p[2] * p[3] for p in parts])
                 B = torch.cat([p[1] for p in parts], dim=1)
                 delta, mag = B @ A, None
             if fifo:
@@ -120,9 +120,13 @@ def reference_merge(
     return out
 
 
-def _model_class(task_type: Optional[str]):
+def _model_class(task_type: Optional[str], base: Path):
     import transformers
 
+    if not task_type:
+        # No task: the class the base checkpoint was saved as.
+        arch = (json.loads((base / "config.json").read_text()).get("architectures") or [None])[0]
+        return getattr(transformers, arch, transformers.AutoModel) if arch else transformers.AutoModel
     return {
         "CAUSAL_LM": transformers.AutoModelForCausalLM,
         "SEQ_CLS": transformers.AutoModelForSequenceClassification,
@@ -138,7 +142,7 @@ def load_peft_model(base: PathLike, adapters: Sequence[PathLike], *, dtype: Opti
 
     cfg = json.loads((Path(adapters[0]) / "adapter_config.json").read_text())
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: "auto"}[dtype]
-    model = _model_class(cfg.get("task_type")).from_pretrained(str(base), dtype=torch_dtype, **kwargs)
+    model = _model_class(cfg.get("task_type"), Path(base)).from_pretrained(str(base), dtype=torch_dtype, **kwargs)
     model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
     for i, a in enumerate(adapters[1:], start=1):
         model.load_adapter(str(a), adapter_name=f"a{i}")
@@ -155,14 +159,32 @@ def peft_merge(
     **kwargs,
 ) -> Path:
     """PEFT's own recipe. Several adapters (or a weight) are combined with ``add_weighted_adapter``
-    (``combination_type="cat"``, exact) before ``merge_and_unload``."""
-    model = load_peft_model(base, adapters, dtype=dtype, **kwargs)
-    if len(adapters) > 1 or (weights is not None and list(weights) != [1.0]):
+    (``combination_type="cat"``, exact) before ``merge_and_unload``.
+
+    ``add_weighted_adapter`` creates the combined adapter in the model's dtype: on a bf16 model PEFT
+    rounds the scaled factors to bf16 and the delta again before adding it. That double rounding is
+    not the target (fp32 delta, one rounding), so for a combination the model is loaded in fp32,
+    merged there, and rounded once to the checkpoint's dtype when saved.
+    """
+    import torch
+
+    combine = len(adapters) > 1 or (weights is not None and list(weights) != [1.0])
+    model = load_peft_model(base, adapters, dtype="fp32" if combine else dtype, **kwargs)
+    if combine:
         names = [f"a{i}" for i in range(len(adapters))]
         w = list(weights) if weights is not None else [1.0] * len(adapters)
         model.add_weighted_adapter(names, w, "combined", combination_type="cat")
         model.set_adapter("combined")
     merged = model.merge_and_unload()
+    if combine:
+        stored = load_state_dict(base)
+        target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype or "")
+        with torch.no_grad():
+            for name, p in list(merged.named_parameters()) + list(merged.named_buffers()):
+                if p.is_floating_point():
+                    keep = target or next((v.dtype for k, v in stored.items() if k.endswith(name) or name.endswith(k)), p.dtype)
+                    p.data = p.data.to(keep)
+        merged.config.dtype = target or next(iter(stored.values())).dtype
     merged.save_pretrained(str(out))
     return Path(out)
 

