@@ -28,21 +28,29 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _progress_bar(enabled: bool, desc: str):
-    if not enabled:
-        return None, None
-    from tqdm.auto import tqdm
+class _ProgressBar:
+    """A tqdm byte counter created on the first report, so a call that fails while planning prints
+    nothing; hidden when stderr is not a terminal."""
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar = None
 
-    def update(name: str, nbytes: int) -> None:
+    def __call__(self, name: str, nbytes: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc, leave=False,
+                            disable=None)
         if name == "":  # the start call carries the total
-            bar.total = nbytes
-            bar.refresh()
+            self.bar.total = nbytes
+            self.bar.refresh()
         else:
-            bar.update(nbytes)
+            self.bar.update(nbytes)
 
-    return bar, update
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def merge(
@@ -88,7 +96,7 @@ def merge(
     """
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
-    bar, callback = _progress_bar(progress, "merge")
+    bar = _ProgressBar("merge") if progress else None
     try:
         raw = _core.merge(
             os.fspath(base),
@@ -99,7 +107,7 @@ def merge(
             threads=threads,
             safe_merge=safe_merge,
             overwrite=overwrite,
-            progress=callback,
+            progress=bar,
         )
     finally:
         if bar is not None:

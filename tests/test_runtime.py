@@ -1,0 +1,134 @@
+"""The GIL is released during a merge, Ctrl-C stops one cleanly, and the CLI's main jobs run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lorafast
+from lorafast.cli import main
+from lorafast.synthetic import LlamaShape, make_llama_checkpoint, make_lora_adapter
+
+MEDIUM = LlamaShape(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=4, vocab=4096)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    root = tmp_path_factory.mktemp("medium")
+    return make_llama_checkpoint(root / "base", MEDIUM, shards=2), make_lora_adapter(root / "adapter", MEDIUM, r=16)
+
+
+def test_gil_is_released_during_merge(tmp_path, medium):
+    base, adapter = medium
+    window = {}
+
+    def run():
+        window["start"] = time.perf_counter()
+        lorafast.merge(base, adapter, tmp_path / "out", threads=1, progress=False)
+        window["end"] = time.perf_counter()
+
+    t = threading.Thread(target=run)
+    ticks = []
+    t.start()
+    while t.is_alive():
+        ticks.append(time.perf_counter())  # pure-Python work: only runs while the merge does not hold the GIL
+    t.join()
+    assert window["end"] - window["start"] > 0.05, "merge too short to measure"
+    inside = [x for x in ticks if window["start"] + 0.02 < x < window["end"] - 0.02]
+    assert len(inside) > 1000, f"the main thread ran {len(inside)} times during the merge"
+
+
+def test_ctrl_c_stops_a_merge_and_leaves_nothing(tmp_path, medium):
+    base, adapter = medium
+    out = tmp_path / "out"
+    code = (
+        "import sys, lorafast\n"
+        "print('ready', flush=True)\n"
+        f"lorafast.merge({str(base)!r}, {str(adapter)!r}, {str(out)!r}, threads=1, progress=False)\n"
+    )
+    # A slow merge: the page cache is warm, so slow it by merging the adapter many times over.
+    code = code.replace(f"{str(adapter)!r}, {str(out)!r}", f"[{str(adapter)!r}] * 40, {str(out)!r}")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "KeyboardInterrupt" in err, err
+    assert not out.exists()
+    assert not [x for x in tmp_path.iterdir() if "lorafast-tmp" in x.name]
+
+
+def test_cli_merge_and_inspect(tmp_path, medium, capsys):
+    base, adapter = medium
+    out = tmp_path / "merged"
+    assert main(["merge", str(base), str(adapter), "-o", str(out), "--dtype", "bf16", "--threads", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "tensors merged" in text and str(out) in text
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{MEDIUM.layers * 9 + 3} tensors" in text and "BF16" in text
+    assert main(["inspect", str(adapter), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "trainable parameters" in text and text.count("model.layers.") == 3
+
+
+def test_inspect_adapter_norms_match_numpy(medium):
+    from safetensors.numpy import load_file
+
+    _, adapter = medium
+    info = lorafast.inspect_adapter(adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert info["trainable_parameters"] == sum(t.size for t in tensors.values())
+    assert info["file_bytes"] == (adapter / "adapter_model.safetensors").stat().st_size
+    norms = [m["delta_norm"] for m in info["modules"]]
+    assert norms == sorted(norms, reverse=True)
+    for m in info["modules"][:5]:
+        key = f"base_model.model.{m['module']}"
+        delta = tensors[f"{key}.lora_B.weight"].astype(np.float64) @ tensors[f"{key}.lora_A.weight"].astype(np.float64)
+        assert m["delta_norm"] == pytest.approx(m["scaling"] * np.linalg.norm(delta), rel=1e-5)
+
+
+def test_inspect_checkpoint(medium):
+    base, _ = medium
+    info = lorafast.inspect_checkpoint(base)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    assert {t["name"] for t in info["tensors"]} == set(index["weight_map"])
+    assert info["total_bytes"] == index["metadata"]["total_size"]
+    assert info["parameters"] == info["total_bytes"] // 2
+
+
+def test_progress_callback_counts_every_byte(tmp_path, medium):
+    base, adapter = medium
+    seen = []
+    raw = lorafast._core.merge(str(base), [str(adapter)], str(tmp_path / "o"), progress=lambda n, b: seen.append((n, b)))
+    total = seen[0]
+    assert total[0] == "" and sum(b for n, b in seen[1:]) == total[1]
+    assert len(seen) - 1 == raw["tensors_total"]
+
+
+def test_env_thread_count(tmp_path, medium, monkeypatch):
+    base, adapter = medium
+    monkeypatch.setenv("LORAFAST_NUM_THREADS", "nope")
+    with pytest.raises(lorafast.errors.InvalidArgumentError, match="LORAFAST_NUM_THREADS"):
+        lorafast.merge(base, adapter, tmp_path / "o", progress=False)
+    monkeypatch.setenv("LORAFAST_NUM_THREADS", "1")
+    assert lorafast.merge(base, adapter, tmp_path / "o", progress=False).tensors_merged == MEDIUM.layers * 7
+
+
+def test_entry_point_demo_runs_and_verifies(tmp_path):
+    """The README's first command: the installed `lorafast` script, end to end, against PEFT."""
+    exe = Path(sys.executable).with_name("lorafast")
+    r = subprocess.run([str(exe), "demo", "--keep", str(tmp_path / "demo")], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "lorafast merge:" in r.stdout and "100.0000% bit-identical" in r.stdout, r.stdout
+    assert "max |difference| = 0" in r.stdout, r.stdout
