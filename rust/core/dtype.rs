@@ -1,6 +1,6 @@
 //! The floating-point storage types a merge reads and writes, and their conversions to and from f32.
 //! Rounding is round-to-nearest-even from an f32 value, as torch's `.to(dtype)` does.
-use half::{bf16, f16};
+use half::f16;
 use safetensors::Dtype;
 
 /// A float storage type that merges compute in (through f32).
@@ -64,38 +64,44 @@ impl FloatType {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
-            FloatType::F16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                }
+            FloatType::F16 | FloatType::BF16 => {
+                let halves: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                self.decode_u16(&halves, out);
             }
-            FloatType::BF16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    // bf16 is the top half of an f32: widening is a shift.
-                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-                }
-            }
+        }
+    }
+
+    /// Decode 16-bit values (bf16 or f16 bit patterns) into f32.
+    pub fn decode_u16(self, halves: &[u16], out: &mut [f32]) {
+        match self {
+            FloatType::BF16 => simd::widen_bf16(halves, out),
+            FloatType::F16 => half::slice::HalfFloatSliceExt::convert_to_f32_slice(bytemuck::cast_slice::<u16, f16>(halves), out),
+            FloatType::F32 => unreachable!("f32 is not a 16-bit type"),
         }
     }
 
     /// Encode f32 values into little-endian bytes of this type, rounding to nearest even.
     pub fn encode(self, values: &[f32], out: &mut [u8]) {
+        let mut words = vec![0u32; out.len().div_ceil(4)];
+        let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..out.len()];
+        self.encode_checked(values, bytes);
+        out.copy_from_slice(bytes);
+    }
+
+    /// Encode like [`encode`](Self::encode) into a 4-byte aligned buffer; returns true when any value is
+    /// NaN or infinite (checked in the same pass, for safe merges).
+    pub fn encode_checked(self, values: &[f32], out: &mut [u8]) -> bool {
         debug_assert_eq!(out.len(), values.len() * self.size());
         match self {
             FloatType::F32 => {
-                for (c, v) in out.chunks_exact_mut(4).zip(values) {
-                    c.copy_from_slice(&v.to_le_bytes());
-                }
+                out.copy_from_slice(bytemuck::cast_slice(values));
+                simd::any_nonfinite(values)
             }
+            FloatType::BF16 => simd::narrow_bf16(values, bytemuck::cast_slice_mut(out)),
             FloatType::F16 => {
-                for (c, v) in out.chunks_exact_mut(2).zip(values) {
-                    c.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
-                }
-            }
-            FloatType::BF16 => {
-                for (c, v) in out.chunks_exact_mut(2).zip(values) {
-                    c.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
-                }
+                let halves: &mut [f16] = bytemuck::cast_slice_mut(out);
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(halves, values);
+                simd::any_nonfinite(values) || halves.iter().any(|h| h.is_infinite())
             }
         }
     }
@@ -105,7 +111,90 @@ impl FloatType {
         match self {
             FloatType::F32 => v,
             FloatType::F16 => f16::from_f32(v).to_f32(),
-            FloatType::BF16 => bf16::from_f32(v).to_f32(),
+            FloatType::BF16 => f32::from_bits((simd::bf16_bits(v) as u32) << 16),
+        }
+    }
+}
+
+/// Elementwise kernels written so the compiler vectorizes them, compiled twice on x86-64 (baseline and
+/// AVX2) and picked at run time.
+pub mod simd {
+    /// torch's `round_to_nearest_even`: RNE on the bit pattern, every NaN becomes 0x7FC0.
+    #[inline(always)]
+    pub fn bf16_bits(v: f32) -> u16 {
+        let b = v.to_bits();
+        let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+        if v.is_nan() { 0x7FC0 } else { rounded }
+    }
+
+    #[inline(always)]
+    fn is_nonfinite_bits(b: u32) -> bool {
+        b & 0x7F80_0000 == 0x7F80_0000
+    }
+
+    macro_rules! dispatch {
+        ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+            $(#[$doc])*
+            pub fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[inline(always)]
+                fn generic($($arg: $ty),*) $(-> $ret)? $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                    if is_x86_feature_detected!("avx2") {
+                        // SAFETY: the CPU supports AVX2 (checked just above).
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                generic($($arg),*)
+            }
+        };
+    }
+
+    dispatch! {
+        /// bf16 bit patterns -> f32 (exact: a shift).
+        pub fn widen_bf16(src: &[u16], out: &mut [f32]) {
+            for (o, h) in out.iter_mut().zip(src) {
+                *o = f32::from_bits((*h as u32) << 16);
+            }
+        }
+    }
+
+    dispatch! {
+        /// f32 -> bf16 bit patterns; true if any value is NaN or infinite.
+        pub fn narrow_bf16(src: &[f32], out: &mut [u16]) -> bool {
+            let mut bad = false;
+            for (o, v) in out.iter_mut().zip(src) {
+                bad |= is_nonfinite_bits(v.to_bits());
+                *o = bf16_bits(*v);
+            }
+            bad
+        }
+    }
+
+    dispatch! {
+        /// True if any value is NaN or infinite.
+        pub fn any_nonfinite(src: &[f32]) -> bool {
+            src.iter().fold(false, |bad, v| bad | is_nonfinite_bits(v.to_bits()))
+        }
+    }
+
+    dispatch! {
+        /// w += d * s (two roundings, no fused multiply-add: as torch computes `W += delta * s`).
+        pub fn add_scaled(w: &mut [f32], d: &[f32], s: f32) {
+            for (w, d) in w.iter_mut().zip(d) {
+                *w += *d * s;
+            }
+        }
+    }
+
+    dispatch! {
+        /// Round every value to bf16 and back.
+        pub fn round_bf16(w: &mut [f32]) {
+            for v in w.iter_mut() {
+                *v = f32::from_bits((bf16_bits(*v) as u32) << 16);
+            }
         }
     }
 }
@@ -134,6 +223,34 @@ mod tests {
             assert_eq!(back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 vals.iter().map(|v| t.round_trip(*v).to_bits()).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn bf16_matches_torch_rule_on_specials() {
+        assert_eq!(simd::bf16_bits(f32::NAN), 0x7FC0);
+        assert_eq!(simd::bf16_bits(-f32::NAN), 0x7FC0, "torch writes one canonical NaN");
+        assert_eq!(simd::bf16_bits(f32::INFINITY), 0x7F80);
+        assert_eq!(simd::bf16_bits(f32::MAX), 0x7F80, "rounds up to infinity");
+        assert_eq!(simd::bf16_bits(-0.0), 0x8000);
+        // The kernel agrees with the `half` crate's RNE on ordinary values.
+        for bits in (0u32..u32::MAX).step_by(65_537) {
+            let v = f32::from_bits(bits);
+            if !v.is_nan() {
+                assert_eq!(simd::bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn encode_checked_flags_nonfinite() {
+        for t in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+            let mut out = vec![0u8; 3 * t.size()];
+            assert!(!t.encode_checked(&[1.0, 2.0, 3.0], &mut out));
+            assert!(t.encode_checked(&[1.0, f32::INFINITY, 3.0], &mut out));
+            assert!(t.encode_checked(&[f32::NAN, 2.0, 3.0], &mut out));
+        }
+        let mut out = vec![0u8; 2];
+        assert!(FloatType::F16.encode_checked(&[1e6], &mut out), "overflows f16");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use safetensors::Dtype;
 use serde_json::Value;
 
 use crate::core::checkpoint::{index_json, Checkpoint, INDEX_NAME};
-use crate::core::dtype::FloatType;
+use crate::core::dtype::{simd, FloatType};
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
 use crate::core::linalg::matmul_into;
@@ -658,10 +658,11 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
         }
     }
     let tile_rows = (TILE_ELEMS / cols.max(1)).max(1);
-    let mut raw = vec![0u8; tile_rows * cols * src.size()];
+    // u32-backed so the byte buffers can be viewed as u16 / f32 without copies.
+    let mut raw = vec![0u32; (tile_rows * cols * src.size()).div_ceil(4)];
     let mut w = vec![0f32; tile_rows * cols];
     let mut delta = vec![0f32; tile_rows * cols];
-    let mut encoded = vec![0u8; tile_rows * cols * work.size()];
+    let mut encoded = vec![0u32; (tile_rows * cols * work.size()).div_ceil(4)];
 
     // DoRA needs the norm of every output channel of W + delta before it can scale any element.
     let channel_scale = match (&magnitude, job.steps.first()) {
@@ -724,9 +725,7 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
                             *wv += work.round_trip(*d * s);
                         }
                     } else {
-                        for (wv, d) in w[..len].iter_mut().zip(&delta[..len]) {
-                            *wv += *d * s;
-                        }
+                        simd::add_scaled(&mut w[..len], &delta[..len], s);
                     }
                 }
                 Step::AddVector { .. } => {
@@ -737,21 +736,22 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
                 }
             }
             // Each step is one PEFT merge: its result is rounded to the working dtype.
-            if !last && work != FloatType::F32 {
-                w[..len].iter_mut().for_each(|v| *v = work.round_trip(*v));
+            if !last {
+                round_to(work, &mut w[..len]);
             }
         }
-        if !job.steps.is_empty() {
-            nonfinite += w[..len].iter().filter(|v| !v.is_finite()).count() as u64;
-            if ctx.safe && nonfinite > 0 {
+        let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut encoded)[..len * work.size()];
+        if work.encode_checked(&w[..len], bytes) && !job.steps.is_empty() {
+            // Rare: count what the merge made non-finite (the base may hold some already).
+            nonfinite += w[..len].iter().filter(|v| !v.is_finite() || work.round_trip(**v).is_infinite()).count() as u64;
+            if ctx.safe {
                 return Err(Error::NonFinite {
                     tensor: job.out_name.clone(),
                     reason: "the merge produced NaN or Inf values; refusing to write them (safe merge)".into(),
                 });
             }
         }
-        work.encode(&w[..len], &mut encoded[..len * work.size()]);
-        out.write_at(&job.out_name, (r0 * cols * work.size()) as u64, &encoded[..len * work.size()])?;
+        out.write_at(&job.out_name, (r0 * cols * work.size()) as u64, bytes)?;
     }
     ctx.nonfinite.fetch_add(nonfinite, Ordering::Relaxed);
     Ok(())
@@ -760,15 +760,26 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
 /// Read rows [r0, r0+n) of a float tensor into `w` as f32, rounded to the working dtype (PEFT loads the
 /// base in the dtype it merges in).
 #[allow(clippy::too_many_arguments)]
-fn read_tile(file: &SafetensorsFile, entry: &TensorEntry, src: FloatType, work: FloatType, r0: usize, n: usize, cols: usize, raw: &mut [u8], w: &mut [f32]) -> Result<()> {
+fn read_tile(file: &SafetensorsFile, entry: &TensorEntry, src: FloatType, work: FloatType, r0: usize, n: usize, cols: usize, raw: &mut [u32], w: &mut [f32]) -> Result<()> {
     let len = n * cols;
-    let bytes = &mut raw[..len * src.size()];
+    let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(raw)[..len * src.size()];
     file.read_bytes(entry, (r0 * cols * src.size()) as u64, bytes)?;
-    src.decode(bytes, &mut w[..len]);
-    if work.size() < src.size() || (work != src && work != FloatType::F32) {
-        w[..len].iter_mut().for_each(|v| *v = work.round_trip(*v));
+    match src {
+        FloatType::F32 => w[..len].copy_from_slice(bytemuck::cast_slice(bytes)),
+        _ => src.decode_u16(bytemuck::cast_slice(bytes), &mut w[..len]),
+    }
+    if work != src && work != FloatType::F32 {
+        round_to(work, &mut w[..len]);
     }
     Ok(())
+}
+
+fn round_to(t: FloatType, w: &mut [f32]) {
+    match t {
+        FloatType::F32 => {}
+        FloatType::BF16 => simd::round_bf16(w),
+        FloatType::F16 => w.iter_mut().for_each(|v| *v = t.round_trip(*v)),
+    }
 }
 
 /// Sum of squares of a contiguous row in torch's CPU order for `linalg.norm(dim=1)` on f32: eight
