@@ -75,8 +75,11 @@ def run_child(method: str, base: Path, adapter: Path, out: Path) -> dict:
         t0 = time.perf_counter()
         subprocess.run(["cp", "-r", str(base), str(out)], check=True)
         return {"wall": time.perf_counter() - t0, "peak_rss": None}
-    r = subprocess.run([sys.executable, "-c", CHILD, method, str(base), str(adapter), str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, method, str(base), str(adapter), str(out)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -95,8 +98,12 @@ def measure(method: str, runs: int, base: Path, adapter: Path, scratch: Path, co
         if res["peak_rss"] is not None:
             rss.append(res["peak_rss"])
         shutil.rmtree(out, ignore_errors=True)
-    return {"median": statistics.median(walls), "min": min(walls), "runs": runs,
-            "peak_rss": max(rss) if rss else None}
+    return {
+        "median": statistics.median(walls),
+        "min": min(walls),
+        "runs": runs,
+        "peak_rss": max(rss) if rss else None,
+    }
 
 
 LABELS = {
@@ -109,7 +116,12 @@ LABELS = {
 
 def table(results: dict, title: str) -> str:
     lf, cp, pf = results.get("lorafast"), results.get("copy"), results.get("peft")
-    lines = [f"{title}", "", "| method | median wall | min | peak RSS | vs PEFT | vs copy |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{title}",
+        "",
+        "| method | median wall | min | peak RSS | vs PEFT | vs copy |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, r in results.items():
         rss = f"{r['peak_rss'] / 2**20:.0f} MiB" if r["peak_rss"] else "-"
         vs_peft = f"{pf['median'] / r['median']:.1f}x faster" if pf and m != "peft" else "-"
@@ -117,8 +129,10 @@ def table(results: dict, title: str) -> str:
         lines.append(f"| {LABELS[m]} | {r['median']:.2f} s | {r['min']:.2f} s | {rss} | {vs_peft} | {vs_copy} |")
     if lf and pf:
         lines.append("")
-        lines.append(f"lorafast is {pf['median'] / lf['median']:.1f}x faster than PEFT and takes "
-                     f"{lf['median'] / cp['median']:.2f}x the time of a plain copy; peak RSS {lf['peak_rss'] / 2**20:.0f} MiB.")
+        lines.append(
+            f"lorafast is {pf['median'] / lf['median']:.1f}x faster than PEFT and takes "
+            f"{lf['median'] / cp['median']:.2f}x the time of a plain copy; peak RSS {lf['peak_rss'] / 2**20:.0f} MiB."
+        )
     return "\n".join(lines)
 
 
@@ -129,8 +143,11 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-python", action="store_true")
     ap.add_argument("--cold", action="store_true", help="also measure with the page cache dropped (needs root)")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("LORAFAST_BENCH_CACHE",
-                                                                       Path.home() / ".cache/lorafast/bench")))
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("LORAFAST_BENCH_CACHE", Path.home() / ".cache/lorafast/bench")),
+    )
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args()
 
@@ -146,12 +163,20 @@ def main() -> None:
             warm[m] = measure(m, runs, base, adapter, scratch, cold=False)
             print(f"{m}: {warm[m]}", file=sys.stderr)
         size = sum(f.stat().st_size for f in base.iterdir()) / 1e9
-        print(table(warm, f"Merge of an r=16 adapter into a ~1.1B Llama-shaped bf16 checkpoint ({size:.2f} GB, "
-                          f"3 shards), {os.cpu_count()} cores, page cache warm:"))
+        print(
+            table(
+                warm,
+                f"Merge of an r=16 adapter into a ~1.1B Llama-shaped bf16 checkpoint ({size:.2f} GB, "
+                f"3 shards), {os.cpu_count()} cores, page cache warm:",
+            )
+        )
         out = {"warm": warm}
         if args.cold:
             if drop_caches():
-                cold = {m: measure(m, max(1, args.slow_runs), base, adapter, scratch, cold=True) for m in ("lorafast", "copy")}
+                cold = {
+                    m: measure(m, max(1, args.slow_runs), base, adapter, scratch, cold=True)
+                    for m in ("lorafast", "copy")
+                }
                 print()
                 print(table(cold, "Same, page cache dropped before each run:"))
                 out["cold"] = cold

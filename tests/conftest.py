@@ -26,15 +26,31 @@ def minilm_path() -> Path:
 
 
 def tiny_llama_config(**kw):
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     return transformers.LlamaConfig(**base)
 
 
 def tiny_qwen2_config(**kw):
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     base.update(kw)
     return transformers.Qwen2Config(**base)
 
@@ -78,5 +94,11 @@ def llama_bf16(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_adapter(tmp_path_factory, llama_bf16) -> Path:
     d = tmp_path_factory.mktemp("llama_adapter")
-    return save_adapter(transformers.AutoModelForCausalLM, llama_bf16, d, r=8, lora_alpha=16,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return save_adapter(
+        transformers.AutoModelForCausalLM,
+        llama_bf16,
+        d,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )

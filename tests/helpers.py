@@ -5,7 +5,9 @@ from pathlib import Path
 from lorafast.reference import compare_checkpoints
 
 
-def assert_matches_peft(ours: Path, theirs: Path, *, min_equal: float = 0.999, max_ulp: int = 1, allow_extra=()) -> dict:
+def assert_matches_peft(
+    ours: Path, theirs: Path, *, min_equal: float = 0.999, max_ulp: int = 1, allow_extra=()
+) -> dict:
     """Every tensor PEFT wrote equals ours bit for bit in >= 99.9% of elements, never > 1 ULP away."""
     cmp = compare_checkpoints(ours, theirs)
     assert not cmp["only_b"], f"tensors PEFT wrote that lorafast did not: {cmp['only_b']}"

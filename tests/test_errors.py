@@ -10,10 +10,9 @@ import shutil
 import struct
 from pathlib import Path
 
+import lorafast
 import numpy as np
 import pytest
-
-import lorafast
 from lorafast import errors
 from lorafast.cli import main
 from lorafast.synthetic import LlamaShape, make_llama_checkpoint, make_lora_adapter, write_safetensors
@@ -29,8 +28,11 @@ def pair(tmp_path):
 
 
 def digest(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli_error(capsys, *argv) -> str:
@@ -117,12 +119,17 @@ def test_unknown_dtype(tmp_path, pair):
 
 def test_adapter_shapes_do_not_fit(tmp_path, pair, capsys):
     base, _ = pair
-    other = make_lora_adapter(tmp_path / "other", LlamaShape(hidden=96, intermediate=128, layers=2, heads=4, kv_heads=2), r=4)
+    other = make_lora_adapter(
+        tmp_path / "other", LlamaShape(hidden=96, intermediate=128, layers=2, heads=4, kv_heads=2), r=4
+    )
     with pytest.raises(errors.ShapeMismatchError) as e:
         lorafast.merge(base, other, tmp_path / "out", progress=False)
     msg = str(e.value)
-    assert re.search(r"^module model\.layers\.\d+\.\w+\.\w+_proj: .*A \[4, \d+\] and B \[\d+, 4\] "
-                     r"does not fit base tensor model\.layers\.\d+\.\w+\.\w+_proj\.weight of shape \[\d+, \d+\]", msg), msg
+    assert re.search(
+        r"^module model\.layers\.\d+\.\w+\.\w+_proj: .*A \[4, \d+\] and B \[\d+, 4\] "
+        r"does not fit base tensor model\.layers\.\d+\.\w+\.\w+_proj\.weight of shape \[\d+, \d+\]",
+        msg,
+    ), msg
     line = cli_error(capsys, "merge", str(base), str(other), "-o", str(tmp_path / "out"))
     assert "does not fit base tensor" in line
     no_leftovers(tmp_path)
@@ -131,8 +138,13 @@ def test_adapter_shapes_do_not_fit(tmp_path, pair, capsys):
 def test_adapter_targets_no_module_of_the_base(tmp_path, pair):
     base, adapter = pair
     st = adapter / "adapter_model.safetensors"
-    _rewrite_header(st, lambda h: {h.__setitem__(k.replace("model.layers", "decoder.blocks"), h.pop(k))
-                                   for k in [k for k in h if k != "__metadata__"]})
+    _rewrite_header(
+        st,
+        lambda h: {
+            h.__setitem__(k.replace("model.layers", "decoder.blocks"), h.pop(k))
+            for k in [k for k in h if k != "__metadata__"]
+        },
+    )
     with pytest.raises(errors.AdapterError, match="targets no module of the base"):
         lorafast.merge(base, adapter, tmp_path / "out", progress=False)
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lorafast
 import pytest
 import torch
 import transformers
-from conftest import minilm_path, save_adapter, save_model, tiny_gpt2_config, tiny_llama_config, tiny_qwen2_config
+from conftest import (
+    minilm_path,
+    save_adapter,
+    save_model,
+    tiny_gpt2_config,
+    tiny_llama_config,
+    tiny_qwen2_config,
+)
 from helpers import assert_matches_peft
-
-import lorafast
 from lorafast.reference import load_state_dict, peft_merge, reference_merge
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,7 +65,9 @@ def test_llama_bf16_sharded(tmp_path, llama_bf16, llama_adapter):
 
 def test_llama_fp16(tmp_path):
     base = save_model(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "base", torch.float16)
-    ad = save_adapter(transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=ALL_LINEAR
+    )
     check(tmp_path, transformers.AutoModelForCausalLM, base, [ad])
 
 
@@ -71,15 +79,30 @@ def test_output_dtype_conversion(tmp_path, llama_bf16, llama_adapter):
 
 def test_gpt2_conv1d_causal_lm(tmp_path):
     base = save_model(transformers.GPT2LMHeadModel, tiny_gpt2_config(), tmp_path / "base", torch.float32)
-    ad = save_adapter(transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=8, lora_alpha=16,
-                      target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        base,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+    )
     check(tmp_path, transformers.AutoModelForCausalLM, base, [ad])
 
 
 def test_gpt2_sequence_classification_with_saved_head(tmp_path):
     base = save_model(transformers.GPT2LMHeadModel, tiny_gpt2_config(pad_token_id=0), tmp_path / "base", torch.float32)
-    ad = save_adapter(transformers.AutoModelForSequenceClassification, base, tmp_path / "ad", r=8, lora_alpha=16,
-                      task_type="SEQ_CLS", target_modules=["c_attn"], fan_in_fan_out=True)
+    ad = save_adapter(
+        transformers.AutoModelForSequenceClassification,
+        base,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        task_type="SEQ_CLS",
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+    )
     assert "score" in json.loads((ad / "adapter_config.json").read_text())["modules_to_save"]
     ours, _ = check(tmp_path, transformers.AutoModelForSequenceClassification, base, [ad])
     cfg = json.loads((ours / "config.json").read_text())
@@ -89,11 +112,24 @@ def test_gpt2_sequence_classification_with_saved_head(tmp_path):
 
 def test_bert_sequence_classification_real_minilm(tmp_path):
     base = minilm_path()
-    ad = save_adapter(transformers.AutoModelForSequenceClassification, base, tmp_path / "ad", r=8, lora_alpha=16,
-                      task_type="SEQ_CLS", target_modules=["query", "value"])
+    ad = save_adapter(
+        transformers.AutoModelForSequenceClassification,
+        base,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+    )
     # MiniLM is a BertModel checkpoint (keys without "bert."); the merged model is BertForSequenceClassification.
-    ours, _ = check(tmp_path, transformers.AutoModelForSequenceClassification, base, [ad], vocab=30522,
-                    allow_extra=("embeddings.position_ids",))
+    ours, _ = check(
+        tmp_path,
+        transformers.AutoModelForSequenceClassification,
+        base,
+        [ad],
+        vocab=30522,
+        allow_extra=("embeddings.position_ids",),
+    )
     assert json.loads((ours / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
     assert (ours / "tokenizer.json").exists() and (ours / "vocab.txt").exists()
     tok = transformers.AutoTokenizer.from_pretrained(str(ours))
@@ -101,33 +137,63 @@ def test_bert_sequence_classification_real_minilm(tmp_path):
 
 
 def test_rslora_with_rank_and_alpha_patterns(tmp_path, llama_bf16):
-    ad = save_adapter(transformers.AutoModelForCausalLM, llama_bf16, tmp_path / "ad", r=8, lora_alpha=16,
-                      target_modules=ALL_LINEAR, use_rslora=True,
-                      rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 12},
-                      alpha_pattern={"v_proj": 64, "^model.layers.0.self_attn.o_proj": 3})
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        llama_bf16,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=ALL_LINEAR,
+        use_rslora=True,
+        rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 12},
+        alpha_pattern={"v_proj": 64, "^model.layers.0.self_attn.o_proj": 3},
+    )
     cfg = json.loads((ad / "adapter_config.json").read_text())
     assert cfg["use_rslora"] and cfg["rank_pattern"] and cfg["alpha_pattern"]
     check(tmp_path, transformers.AutoModelForCausalLM, llama_bf16, [ad])
 
 
 def test_dora(tmp_path, llama_bf16):
-    ad = save_adapter(transformers.AutoModelForCausalLM, llama_bf16, tmp_path / "ad", r=8, lora_alpha=16,
-                      target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True, randomize=("lora_magnitude",))
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        llama_bf16,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        use_dora=True,
+        randomize=("lora_magnitude",),
+    )
     check(tmp_path, transformers.AutoModelForCausalLM, llama_bf16, [ad])
 
 
 def test_dora_gpt2_conv1d(tmp_path):
     base = save_model(transformers.GPT2LMHeadModel, tiny_gpt2_config(), tmp_path / "base", torch.float32)
-    ad = save_adapter(transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=4, lora_alpha=8, use_dora=True,
-                      target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, randomize=("lora_magnitude",))
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        base,
+        tmp_path / "ad",
+        r=4,
+        lora_alpha=8,
+        use_dora=True,
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+        randomize=("lora_magnitude",),
+    )
     check(tmp_path, transformers.AutoModelForCausalLM, base, [ad])
 
 
 def test_qwen2_tied_embeddings_biased_projections(tmp_path):
     base = save_model(transformers.Qwen2ForCausalLM, tiny_qwen2_config(), tmp_path / "base", torch.bfloat16)
     assert "lm_head.weight" not in load_state_dict(base), "tied: only the input embedding is stored"
-    ad = save_adapter(transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=8, lora_alpha=16,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"])
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        base,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],
+    )
     ours, _ = check(tmp_path, transformers.AutoModelForCausalLM, base, [ad])
     assert "lm_head.weight" not in load_state_dict(ours), "still tied"
     assert json.loads((ours / "config.json").read_text()).get("tie_word_embeddings", True) is True
@@ -135,30 +201,59 @@ def test_qwen2_tied_embeddings_biased_projections(tmp_path):
 
 def test_lora_bias_on_biased_projections(tmp_path):
     base = save_model(transformers.Qwen2ForCausalLM, tiny_qwen2_config(), tmp_path / "base", torch.bfloat16)
-    ad = save_adapter(transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=8, lora_alpha=16,
-                      target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True, randomize=("lora_B",))
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        base,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj"],
+        lora_bias=True,
+        randomize=("lora_B",),
+    )
     ours, _ = check(tmp_path, transformers.AutoModelForCausalLM, base, [ad])
     base_bias = load_state_dict(base)["model.layers.0.self_attn.q_proj.bias"]
     assert not torch.equal(load_state_dict(ours)["model.layers.0.self_attn.q_proj.bias"], base_bias)
 
 
 def test_embedding_lora(tmp_path, llama_bf16):
-    ad = save_adapter(transformers.AutoModelForCausalLM, llama_bf16, tmp_path / "ad", r=8, lora_alpha=16,
-                      target_modules=["embed_tokens", "q_proj"])
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        llama_bf16,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=["embed_tokens", "q_proj"],
+    )
     check(tmp_path, transformers.AutoModelForCausalLM, llama_bf16, [ad])
 
 
 def test_modules_to_save_lm_head_unties(tmp_path):
     base = save_model(transformers.Qwen2ForCausalLM, tiny_qwen2_config(), tmp_path / "base", torch.bfloat16)
-    ad = save_adapter(transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=4, lora_alpha=8,
-                      target_modules=["q_proj"], modules_to_save=["lm_head"], randomize=("modules_to_save",))
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        base,
+        tmp_path / "ad",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        modules_to_save=["lm_head"],
+        randomize=("modules_to_save",),
+    )
     ours, _ = check(tmp_path, transformers.AutoModelForCausalLM, base, [ad])
     assert json.loads((ours / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_two_adapters_with_weights(tmp_path, llama_bf16, llama_adapter):
-    second = save_adapter(transformers.AutoModelForCausalLM, llama_bf16, tmp_path / "second", seed=7, r=4, lora_alpha=4,
-                          target_modules=["q_proj", "v_proj", "up_proj"])
+    second = save_adapter(
+        transformers.AutoModelForCausalLM,
+        llama_bf16,
+        tmp_path / "second",
+        seed=7,
+        r=4,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+    )
     check(tmp_path, transformers.AutoModelForCausalLM, llama_bf16, [llama_adapter, second], weights=[0.7, -0.4])
 
 

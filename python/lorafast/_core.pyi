@@ -4,6 +4,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 _Path = Union[str, PathLike[str]]
 
 __version__: str
+__all__ = ["__version__", "merge", "inspect_checkpoint", "inspect_adapter"]
 
 def merge(
     base: _Path,

@@ -49,8 +49,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             f"{r.bytes_written / 1e9:.3f} GB in {r.seconds:.2f} s"
         )
         if r.nonfinite_values:
-            print(f"lorafast: warning: {r.nonfinite_values} merged values are NaN/Inf (use --safe-merge to refuse)",
-                  file=sys.stderr)
+            print(
+                f"lorafast: warning: {r.nonfinite_values} merged values are NaN/Inf (use --safe-merge to refuse)",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -71,11 +73,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2))
             return 0
         cfg = info["config"]
-        print(f"adapter {args.path}: {cfg.get('peft_type')} task={cfg.get('task_type')} r={cfg.get('r')} "
-              f"alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora', False)} dora={cfg.get('use_dora', False)}")
+        print(
+            f"adapter {args.path}: {cfg.get('peft_type')} task={cfg.get('task_type')} r={cfg.get('r')} "
+            f"alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora', False)} dora={cfg.get('use_dora', False)}"
+        )
         print(f"  targets: {cfg.get('target_modules')}  modules_to_save: {cfg.get('modules_to_save')}")
-        print(f"  trainable parameters: {info['trainable_parameters']:,}  file: {_human(info['file_bytes'])}  "
-              f"LoRA modules: {len(info['modules'])}")
+        print(
+            f"  trainable parameters: {info['trainable_parameters']:,}  file: {_human(info['file_bytes'])}  "
+            f"LoRA modules: {len(info['modules'])}"
+        )
         print(f"  modules changed most (||scaling * B A||_F), top {args.top}:")
         for m in info["modules"][: args.top]:
             print(f"    {m['delta_norm']:12.5g}  {m['module']}  (r={m['r']}, scaling={m['scaling']:.4g})")
@@ -89,8 +95,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     dtypes: dict[str, int] = {}
     for t in info["tensors"]:
         dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + t["bytes"]
-    print(f"checkpoint {args.path}: {len(info['tensors'])} tensors, {info['parameters']:,} parameters, "
-          f"{_human(info['total_bytes'])} in {len(info['shards'])} file(s)")
+    print(
+        f"checkpoint {args.path}: {len(info['tensors'])} tensors, {info['parameters']:,} parameters, "
+        f"{_human(info['total_bytes'])} in {len(info['shards'])} file(s)"
+    )
     print("  by dtype: " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(dtypes.items())))
     shown = info["tensors"] if args.all else info["tensors"][: args.top]
     for t in shown:
@@ -153,7 +161,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI promises one line, never a traceback
         if os.environ.get("LORAFAST_DEBUG"):
             raise
-        print(f"lorafast: internal error: {type(e).__name__}: {e} (set LORAFAST_DEBUG=1 for details)", file=sys.stderr)
+        print(
+            f"lorafast: internal error: {type(e).__name__}: {e} (set LORAFAST_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
         return 1
 
 

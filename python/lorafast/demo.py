@@ -27,11 +27,15 @@ def run_demo(keep: Optional[Path] = None, verify: bool = True, echo=print) -> di
         t0 = time.perf_counter()
         base = make_llama_checkpoint(root / "base", shape, dtype="bf16", shards=2)
         adapter = make_lora_adapter(root / "adapter", shape, r=16, alpha=32)
-        echo(f"made a Llama-shaped bf16 checkpoint ({shape.layers} layers, hidden {shape.hidden}, 2 shards) "
-             f"and an r=16 LoRA adapter in {root} ({time.perf_counter() - t0:.2f} s)")
+        echo(
+            f"made a Llama-shaped bf16 checkpoint ({shape.layers} layers, hidden {shape.hidden}, 2 shards) "
+            f"and an r=16 LoRA adapter in {root} ({time.perf_counter() - t0:.2f} s)"
+        )
         report = merge(base, [adapter], root / "merged", progress=False, overwrite=True)
-        echo(f"lorafast merge: {report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
-             f"{report.bytes_written / 1e6:.1f} MB written in {report.seconds:.3f} s -> {report.output}")
+        echo(
+            f"lorafast merge: {report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
+            f"{report.bytes_written / 1e6:.1f} MB written in {report.seconds:.3f} s -> {report.output}"
+        )
         result = {"report": report}
         if verify and _have_peft():
             result.update(_verify(base, adapter, root / "merged", root / "peft", echo))
@@ -57,8 +61,10 @@ def _verify(base: Path, adapter: Path, merged: Path, peft_out: Path, echo) -> di
     stats = cmp["tensors"].values()
     worst = min(s["equal_fraction"] for s in stats)
     max_ulp = max(s["max_ulp"] for s in stats)
-    echo(f"PEFT merge_and_unload + save_pretrained: {peft_s:.2f} s; lorafast vs PEFT on {len(cmp['tensors'])} tensors: "
-         f"worst tensor {worst * 100:.4f}% bit-identical, max {max_ulp} ULP")
+    echo(
+        f"PEFT merge_and_unload + save_pretrained: {peft_s:.2f} s; lorafast vs PEFT on {len(cmp['tensors'])} tensors: "
+        f"worst tensor {worst * 100:.4f}% bit-identical, max {max_ulp} ULP"
+    )
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = AutoModelForCausalLM.from_pretrained(str(merged)).eval()(ids).logits

@@ -9,7 +9,7 @@ from typing import Any, Union
 from lorafast import _core
 
 
-def inspect_checkpoint(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
+def inspect_checkpoint(path: Union[str, os.PathLike[str]]) -> dict[str, Any]:
     """Tensors, dtypes, shapes and sizes of a safetensors model folder.
 
     Example:
@@ -19,7 +19,7 @@ def inspect_checkpoint(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
     return _core.inspect_checkpoint(os.fspath(path))
 
 
-def inspect_adapter(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
+def inspect_adapter(path: Union[str, os.PathLike[str]]) -> dict[str, Any]:
     """An adapter's config, trainable parameter count, file size, and per-module ``||scaling * B A||_F``
     (sorted, largest first: the modules the adapter changes most).
     """
@@ -29,5 +29,5 @@ def inspect_adapter(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
     return info
 
 
-def is_adapter(path: Union[str, "os.PathLike[str]"]) -> bool:
+def is_adapter(path: Union[str, os.PathLike[str]]) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), "adapter_config.json"))

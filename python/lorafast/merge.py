@@ -40,8 +40,15 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc, leave=False,
-                            disable=None)
+            self.bar = tqdm(
+                total=0,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.desc,
+                leave=False,
+                disable=None,
+            )
         if name == "":  # the start call carries the total
             self.bar.total = nbytes
             self.bar.refresh()
@@ -51,6 +58,29 @@ class _ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# Files worth fetching from the hub: weights as safetensors only (never pickles), configs, tokenizers.
+_HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.py"]
+
+
+def resolve_model_path(path: PathLike) -> str:
+    """A local folder as it is; otherwise a Hugging Face Hub id (``org/name``) fetched into the hub
+    cache with ``huggingface_hub.snapshot_download`` (safetensors and small files only; honours
+    ``HF_HUB_OFFLINE`` and ``HF_HOME``)."""
+    text = os.fspath(path)
+    if os.path.exists(text) or text.count("/") != 1 or text.startswith((".", "/")):
+        return text
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return text  # the Rust side will say the folder does not exist
+    try:
+        return snapshot_download(repo_id=text, allow_patterns=_HUB_PATTERNS)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+        from lorafast.errors import FileMissingError
+
+        raise FileMissingError(f"{text}: not a local folder, and not found on the Hugging Face Hub ({e})") from None
 
 
 def merge(
@@ -73,8 +103,9 @@ def merge(
     ``W + sum_i weights[i] * scaling_i * B_i @ A_i`` (PEFT's exact ``cat`` combination).
 
     Args:
-        base: model folder (``model.safetensors`` or shards with ``model.safetensors.index.json``).
-        adapters: one PEFT LoRA folder, or several.
+        base: model folder (``model.safetensors`` or shards with ``model.safetensors.index.json``),
+            or a Hugging Face Hub id.
+        adapters: one PEFT LoRA folder (or Hub id), or several.
         out: output folder; written beside it in a temporary folder and renamed when complete.
         weights: one weight per adapter (default 1.0 each); negative subtracts an adapter.
         dtype: output float dtype, ``"bf16"``, ``"fp16"`` or ``"fp32"`` (default: as stored).
@@ -99,8 +130,8 @@ def merge(
     bar = _ProgressBar("merge") if progress else None
     try:
         raw = _core.merge(
-            os.fspath(base),
-            [os.fspath(a) for a in adapters],
+            resolve_model_path(base),
+            [resolve_model_path(a) for a in adapters],
             os.fspath(out),
             weights=None if weights is None else [float(w) for w in weights],
             dtype=dtype,

@@ -182,7 +182,9 @@ def peft_merge(
         with torch.no_grad():
             for name, p in list(merged.named_parameters()) + list(merged.named_buffers()):
                 if p.is_floating_point():
-                    keep = target or next((v.dtype for k, v in stored.items() if k.endswith(name) or name.endswith(k)), p.dtype)
+                    keep = target or next(
+                        (v.dtype for k, v in stored.items() if k.endswith(name) or name.endswith(k)), p.dtype
+                    )
                     p.data = p.data.to(keep)
         merged.config.dtype = target or next(iter(stored.values())).dtype
     merged.save_pretrained(str(out))
@@ -212,10 +214,18 @@ def compare_checkpoints(a: PathLike, b: PathLike) -> dict[str, Any]:
     import torch
 
     sa, sb = load_state_dict(a), load_state_dict(b)
-    result: dict[str, Any] = {"only_a": sorted(set(sa) - set(sb)), "only_b": sorted(set(sb) - set(sa)), "tensors": {}}
+    result: dict[str, Any] = {
+        "only_a": sorted(set(sa) - set(sb)),
+        "only_b": sorted(set(sb) - set(sa)),
+        "tensors": {},
+    }
     for name in sorted(set(sa) & set(sb)):
         x, y = sa[name], sb[name]
-        entry: dict[str, Any] = {"dtype_a": str(x.dtype), "dtype_b": str(y.dtype), "shape_equal": x.shape == y.shape}
+        entry: dict[str, Any] = {
+            "dtype_a": str(x.dtype),
+            "dtype_b": str(y.dtype),
+            "shape_equal": x.shape == y.shape,
+        }
         if x.dtype == y.dtype and x.shape == y.shape:
             ox, oy = _ordered_bits(x), _ordered_bits(y)
             if ox is None:

@@ -127,7 +127,11 @@ def make_llama_checkpoint(
             return 1.0 + 0.1 * rng.standard_normal(s, dtype=np.float32)
         return rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
 
-    names = ["model.safetensors"] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    names = (
+        ["model.safetensors"]
+        if shards == 1
+        else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    )
     weight_map, total = {}, 0
     size = _DTYPES[dtype][1]
     for fname, specs in zip(names, files):

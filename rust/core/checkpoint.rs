@@ -33,7 +33,10 @@ impl Checkpoint {
                     dir.display()
                 )));
             }
-            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder")));
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder"),
+            ));
         }
         let config = read_json_if_exists(&dir.join("config.json"))?;
         let index_path = dir.join(INDEX_NAME);
@@ -45,7 +48,9 @@ impl Checkpoint {
                 .ok_or_else(|| Error::json(&index_path, "no weight_map object"))?;
             let mut names: Vec<String> = Vec::new();
             for v in map.values() {
-                let s = v.as_str().ok_or_else(|| Error::json(&index_path, "weight_map values must be file names"))?;
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| Error::json(&index_path, "weight_map values must be file names"))?;
                 if s.contains('/') || s.contains("..") {
                     return Err(Error::json(&index_path, format!("shard name {s:?} leaves the folder")));
                 }
@@ -62,7 +67,9 @@ impl Checkpoint {
             match found.len() {
                 1 => (found, false),
                 0 => {
-                    let hint = if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+                    let hint = if dir.join("pytorch_model.bin").exists()
+                        || dir.join("pytorch_model.bin.index.json").exists()
+                    {
                         "; it holds only pickle (.bin) weights: convert them to safetensors first \
                          (e.g. transformers' from_pretrained(...).save_pretrained(..., safe_serialization=True))"
                     } else {
@@ -111,7 +118,14 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), shards, shard_names, locate, config, sharded })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            shards,
+            shard_names,
+            locate,
+            config,
+            sharded,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<(usize, &TensorEntry)> {
@@ -124,7 +138,9 @@ impl Checkpoint {
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.shards.iter().flat_map(|s| s.tensors().iter().map(|t| t.name.as_str()))
+        self.shards
+            .iter()
+            .flat_map(|s| s.tensors().iter().map(|t| t.name.as_str()))
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -141,7 +157,12 @@ impl Checkpoint {
     }
 
     pub fn architecture(&self) -> Option<&str> {
-        self.config.as_ref()?.get("architectures")?.as_array()?.first()?.as_str()
+        self.config
+            .as_ref()?
+            .get("architectures")?
+            .as_array()?
+            .first()?
+            .as_str()
     }
 }
 

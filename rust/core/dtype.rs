@@ -65,7 +65,10 @@ impl FloatType {
                 }
             }
             FloatType::F16 | FloatType::BF16 => {
-                let halves: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                let halves: Vec<u16> = bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
                 self.decode_u16(&halves, out);
             }
         }
@@ -75,7 +78,9 @@ impl FloatType {
     pub fn decode_u16(self, halves: &[u16], out: &mut [f32]) {
         match self {
             FloatType::BF16 => simd::widen_bf16(halves, out),
-            FloatType::F16 => half::slice::HalfFloatSliceExt::convert_to_f32_slice(bytemuck::cast_slice::<u16, f16>(halves), out),
+            FloatType::F16 => {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(bytemuck::cast_slice::<u16, f16>(halves), out)
+            }
             FloatType::F32 => unreachable!("f32 is not a 16-bit type"),
         }
     }
@@ -124,7 +129,11 @@ pub mod simd {
     pub fn bf16_bits(v: f32) -> u16 {
         let b = v.to_bits();
         let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
-        if v.is_nan() { 0x7FC0 } else { rounded }
+        if v.is_nan() {
+            0x7FC0
+        } else {
+            rounded
+        }
     }
 
     #[inline(always)]
@@ -220,8 +229,10 @@ mod tests {
             t.encode(&vals, &mut bytes);
             let mut back = vec![0f32; vals.len()];
             t.decode(&bytes, &mut back);
-            assert_eq!(back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                vals.iter().map(|v| t.round_trip(*v).to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                vals.iter().map(|v| t.round_trip(*v).to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 

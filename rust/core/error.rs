@@ -44,18 +44,33 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn adapter(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Adapter { path: path.into(), reason: reason.into() }
+        Error::Adapter {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
     pub fn unsupported(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Unsupported { path: path.into(), reason: reason.into() }
+        Error::Unsupported {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
     pub fn shape(module: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Shape { module: module.into(), reason: reason.into() }
+        Error::Shape {
+            module: module.into(),
+            reason: reason.into(),
+        }
     }
     pub fn json(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Json { path: path.into(), reason: reason.into() }
+        Error::Json {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -48,10 +48,20 @@ pub fn checkpoint(dir: &Path) -> Result<CheckpointSummary> {
         .shards
         .iter()
         .flat_map(|s| s.tensors())
-        .map(|t| TensorSummary { name: t.name.clone(), dtype: format!("{:?}", t.dtype), shape: t.shape.clone(), bytes: t.len })
+        .map(|t| TensorSummary {
+            name: t.name.clone(),
+            dtype: format!("{:?}", t.dtype),
+            shape: t.shape.clone(),
+            bytes: t.len,
+        })
         .collect();
     Ok(CheckpointSummary {
-        parameters: ck.shards.iter().flat_map(|s| s.tensors()).map(|t| t.numel() as u64).sum(),
+        parameters: ck
+            .shards
+            .iter()
+            .flat_map(|s| s.tensors())
+            .map(|t| t.numel() as u64)
+            .sum(),
         total_bytes: ck.total_bytes(),
         shards: ck.shard_names.clone(),
         tensors,
@@ -65,13 +75,19 @@ pub fn adapter(dir: &Path) -> Result<AdapterSummary> {
         let (fa, fb) = (a.file.read_f32(&m.a)?, a.file.read_f32(&m.b)?);
         modules.push(ModuleSummary {
             module: m.module.clone(),
-            kind: if m.kind == crate::core::peft::LayerKind::Embedding { "embedding" } else { "linear" },
+            kind: if m.kind == crate::core::peft::LayerKind::Embedding {
+                "embedding"
+            } else {
+                "linear"
+            },
             r: m.r,
             scaling: m.scaling,
             delta_norm: m.scaling.abs() as f64 * lowrank_frobenius(&fa, &fb, m.r),
         });
     }
-    let file_bytes = std::fs::metadata(a.weights_path()).map_err(|e| crate::core::Error::io(a.weights_path(), e))?.len();
+    let file_bytes = std::fs::metadata(a.weights_path())
+        .map_err(|e| crate::core::Error::io(a.weights_path(), e))?
+        .len();
     Ok(AdapterSummary {
         config: a.config.raw.clone(),
         trainable_parameters: a.file.tensors().iter().map(|t| t.numel() as u64).sum(),

@@ -52,7 +52,10 @@ impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let bad = |reason: String| Error::Safetensors { path: path.to_path_buf(), reason };
+        let bad = |reason: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
         if file_len < 8 {
             return Err(bad(format!("file is {file_len} bytes, too short for a header")));
         }
@@ -75,7 +78,13 @@ impl SafetensorsFile {
             .collect();
         tensors.sort_by_key(|t| t.offset);
         let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafetensorsFile { path: path.to_path_buf(), file, tensors, index, metadata: metadata.metadata().clone() })
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            file,
+            tensors,
+            index,
+            metadata: metadata.metadata().clone(),
+        })
     }
 
     pub fn tensors(&self) -> &[TensorEntry] {
@@ -93,7 +102,9 @@ impl SafetensorsFile {
     /// Read `buf.len()` bytes of `entry` starting `start` bytes into its data.
     pub fn read_bytes(&self, entry: &TensorEntry, start: u64, buf: &mut [u8]) -> Result<()> {
         debug_assert!(start + buf.len() as u64 <= entry.len);
-        self.file.read_exact_at(buf, entry.offset + start).map_err(|e| Error::io(&self.path, e))
+        self.file
+            .read_exact_at(buf, entry.offset + start)
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// A whole float tensor as f32 (adapters: small tensors only).
@@ -166,23 +177,40 @@ impl OutputFile {
         let mut at = 0usize;
         for t in &order {
             let len = t.byte_len();
-            infos.push((t.name.clone(), TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (at, at + len) }));
+            infos.push((
+                t.name.clone(),
+                TensorInfo {
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data_offsets: (at, at + len),
+                },
+            ));
             at += len;
         }
         let data_len = at;
-        let meta = Metadata::new(Some(metadata.clone()), infos.clone())
-            .map_err(|e| Error::Output { path: path.to_path_buf(), reason: e.to_string() })?;
+        let meta = Metadata::new(Some(metadata.clone()), infos.clone()).map_err(|e| Error::Output {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let mut header = serde_json::to_vec(&meta).map_err(|e| Error::json(path, e.to_string()))?;
         // The format pads the header with spaces so that the data starts 8-byte aligned.
         header.resize(header.len().next_multiple_of(8), b' ');
         let data_start = 8 + header.len() as u64;
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
-        file.set_len(data_start + data_len as u64).map_err(|e| Error::io(path, e))?;
+        file.set_len(data_start + data_len as u64)
+            .map_err(|e| Error::io(path, e))?;
         let mut head = (header.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(&header);
         file.write_all_at(&head, 0).map_err(|e| Error::io(path, e))?;
-        let offsets = infos.into_iter().map(|(n, i)| (n, data_start + i.data_offsets.0 as u64)).collect();
-        Ok(OutputFile { path: path.to_path_buf(), file, offsets })
+        let offsets = infos
+            .into_iter()
+            .map(|(n, i)| (n, data_start + i.data_offsets.0 as u64))
+            .collect();
+        Ok(OutputFile {
+            path: path.to_path_buf(),
+            file,
+            offsets,
+        })
     }
 
     pub fn offset_of(&self, name: &str) -> u64 {
@@ -191,7 +219,9 @@ impl OutputFile {
 
     /// Write `bytes` at `start` bytes into the data of tensor `name`.
     pub fn write_at(&self, name: &str, start: u64, bytes: &[u8]) -> Result<()> {
-        self.file.write_all_at(bytes, self.offset_of(name) + start).map_err(|e| Error::io(&self.path, e))
+        self.file
+            .write_all_at(bytes, self.offset_of(name) + start)
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// Copy a tensor's bytes unchanged from an input file: in the kernel where it can, so that untouched
@@ -207,7 +237,9 @@ impl OutputFile {
         while done < entry.len {
             let n = CHUNK.min(entry.len - done) as usize;
             src.read_bytes(entry, done, &mut buf[..n])?;
-            self.file.write_all_at(&buf[..n], dst_off + done).map_err(|e| Error::io(&self.path, e))?;
+            self.file
+                .write_all_at(&buf[..n], dst_off + done)
+                .map_err(|e| Error::io(&self.path, e))?;
             done += n as u64;
         }
         Ok(())
@@ -257,8 +289,16 @@ mod tests {
     fn sample(dir: &Path) -> PathBuf {
         let path = dir.join("a.safetensors");
         let tensors = vec![
-            PlannedTensor { name: "w".into(), dtype: Dtype::BF16, shape: vec![2, 3] },
-            PlannedTensor { name: "b".into(), dtype: Dtype::F32, shape: vec![3] },
+            PlannedTensor {
+                name: "w".into(),
+                dtype: Dtype::BF16,
+                shape: vec![2, 3],
+            },
+            PlannedTensor {
+                name: "b".into(),
+                dtype: Dtype::F32,
+                shape: vec![3],
+            },
         ];
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         let out = OutputFile::create(&path, &tensors, &meta).unwrap();
@@ -322,7 +362,10 @@ mod tests {
         write_file(&path, &[0xff; 40]);
         assert!(SafetensorsFile::open(&path).is_err());
         write_file(&path, b"abc");
-        assert!(SafetensorsFile::open(&path).unwrap_err().to_string().contains("too short"));
+        assert!(SafetensorsFile::open(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("too short"));
     }
 
     #[test]
@@ -331,11 +374,54 @@ mod tests {
         let src = SafetensorsFile::open(&sample(dir.path())).unwrap();
         let entry = src.get("w").unwrap().clone();
         let dst_path = dir.path().join("b.safetensors");
-        let planned = vec![PlannedTensor { name: "w".into(), dtype: Dtype::BF16, shape: vec![2, 3] }];
+        let planned = vec![PlannedTensor {
+            name: "w".into(),
+            dtype: Dtype::BF16,
+            shape: vec![2, 3],
+        }];
         let out = OutputFile::create(&dst_path, &planned, &HashMap::new()).unwrap();
         out.copy_from("w", &src, &entry).unwrap();
         out.finish().unwrap();
         let dst = SafetensorsFile::open(&dst_path).unwrap();
         assert_eq!(dst.read_f32("w").unwrap(), src.read_f32("w").unwrap());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes never panic the reader: they open cleanly or give an error naming the file.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("p.safetensors");
+            std::fs::write(&path, &bytes).unwrap();
+            if let Err(e) = SafetensorsFile::open(&path) {
+                prop_assert!(e.to_string().contains("p.safetensors"));
+            }
+        }
+
+        /// A valid file with one byte of its header changed either still opens or fails with an error.
+        #[test]
+        fn mutated_headers_never_panic(at in 8usize..120, byte in any::<u8>(), shape in 1usize..5) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.safetensors");
+            let planned = vec![PlannedTensor { name: "t".into(), dtype: Dtype::F32, shape: vec![shape, 3] }];
+            OutputFile::create(&path, &planned, &HashMap::new()).unwrap().finish().unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = at.min(bytes.len() - 1);
+            bytes[at] = byte;
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok(f) = SafetensorsFile::open(&path) {
+                // Whatever it opened as, every tensor lies inside the file.
+                let len = bytes.len() as u64;
+                prop_assert!(f.tensors().iter().all(|t| t.offset + t.len <= len));
+            }
+        }
     }
 }

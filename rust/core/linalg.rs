@@ -30,7 +30,13 @@ pub fn lowrank_frobenius(a: &[f32], b: &[f32], r: usize) -> f64 {
             gram_b[j * r + i] = s;
         }
     }
-    gram_a.iter().zip(&gram_b).map(|(x, y)| x * y).sum::<f64>().max(0.0).sqrt()
+    gram_a
+        .iter()
+        .zip(&gram_b)
+        .map(|(x, y)| x * y)
+        .sum::<f64>()
+        .max(0.0)
+        .sqrt()
 }
 
 #[cfg(test)]
@@ -43,7 +49,11 @@ mod tests {
         let a: Vec<f32> = (0..r * n).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
         let b: Vec<f32> = (0..m * r).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
         let mut dense = vec![0f32; m * n];
-        matmul_into(&mut dense, MatRef::from_row_major_slice(&b, m, r), MatRef::from_row_major_slice(&a, r, n));
+        matmul_into(
+            &mut dense,
+            MatRef::from_row_major_slice(&b, m, r),
+            MatRef::from_row_major_slice(&a, r, n),
+        );
         let direct: f64 = dense.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         assert!((lowrank_frobenius(&a, &b, r) - direct).abs() < 1e-4 * direct);
         // The product itself: one element by hand.

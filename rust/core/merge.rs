@@ -74,7 +74,13 @@ struct Part {
 enum Step {
     /// W = round(W + post_scale * sum_parts B (pre_scale A)), one rounding; embeddings round the delta
     /// first (PEFT adds `delta.to(W.dtype)` there); DoRA rescales rows/columns by m / ||W + delta||.
-    Lora { layout: Layout, parts: Vec<Part>, post_scale: f32, round_delta_first: bool, magnitude: Option<(usize, String)> },
+    Lora {
+        layout: Layout,
+        parts: Vec<Part>,
+        post_scale: f32,
+        round_delta_first: bool,
+        magnitude: Option<(usize, String)>,
+    },
     /// b = round(b + coeff * v): `lora_B.bias`.
     AddVector { adapter: usize, key: String, coeff: f32 },
 }
@@ -113,7 +119,10 @@ struct Plan {
 
 /// GPT-2-family models store these projections as Conv1D, (in, out): PEFT forces fan_in_fan_out there.
 fn is_conv1d(model_type: Option<&str>, module: &str) -> bool {
-    let family = matches!(model_type, Some("gpt2" | "openai-gpt" | "imagegpt" | "decision_transformer"));
+    let family = matches!(
+        model_type,
+        Some("gpt2" | "openai-gpt" | "imagegpt" | "decision_transformer")
+    );
     let leaf = module.rsplit('.').next().unwrap_or(module);
     family && matches!(leaf, "c_attn" | "c_proj" | "c_fc" | "q_attn")
 }
@@ -200,11 +209,16 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
         None => vec![1.0f32; n],
         Some(w) if w.len() == n => w.clone(),
         Some(w) => {
-            return Err(Error::InvalidArgument(format!("{} weights given for {n} adapter(s); give one weight per adapter", w.len())))
+            return Err(Error::InvalidArgument(format!(
+                "{} weights given for {n} adapter(s); give one weight per adapter",
+                w.len()
+            )))
         }
     };
     if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
-        return Err(Error::InvalidArgument(format!("adapter weight {w} is not a finite number")));
+        return Err(Error::InvalidArgument(format!(
+            "adapter weight {w} is not a finite number"
+        )));
     }
     let resolver = Resolver::new(base);
     let model_type = base.model_type();
@@ -220,10 +234,16 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
     for (ai, adapter) in adapters.iter().enumerate() {
         let path = adapter.weights_path();
         for m in &adapter.ignored_modules {
-            warnings.push(format!("{}: module {m} has LoRA tensors but the config does not target it; ignored (as PEFT does)", path.display()));
+            warnings.push(format!(
+                "{}: module {m} has LoRA tensors but the config does not target it; ignored (as PEFT does)",
+                path.display()
+            ));
         }
         if adapter.modules.is_empty() {
-            return Err(Error::adapter(&adapter.dir, "the adapter holds no LoRA module that its config targets"));
+            return Err(Error::adapter(
+                &adapter.dir,
+                "the adapter holds no LoRA module that its config targets",
+            ));
         }
         let mut resolved_any = false;
         let mut missing = Vec::new();
@@ -260,7 +280,11 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
                 LayerKind::Linear if !is_conv1d(model_type, &m.module) && ws[..] == [out_f, in_f] => Layout::Rows,
                 LayerKind::Linear if adapter.config.fan_in_fan_out && ws[..] == [in_f, out_f] => Layout::Transposed,
                 _ => {
-                    let kind = if m.kind == LayerKind::Embedding { "embedding" } else { "linear" };
+                    let kind = if m.kind == LayerKind::Embedding {
+                        "embedding"
+                    } else {
+                        "linear"
+                    };
                     return Err(Error::shape(
                         &m.module,
                         format!(
@@ -276,19 +300,37 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
             contributions.entry(key.clone()).or_default().push((ai, mi, layout));
             if let Some(bias) = &m.bias {
                 let bias_key = resolver.find(&format!("{}.bias", m.module)).ok_or_else(|| {
-                    Error::shape(&m.module, "the adapter has lora_B.bias (lora_bias=true) but the base layer has no bias")
+                    Error::shape(
+                        &m.module,
+                        "the adapter has lora_B.bias (lora_bias=true) but the base layer has no bias",
+                    )
                 })?;
-                bias_adds.entry(bias_key).or_default().push(Step::AddVector { adapter: ai, key: bias.clone(), coeff: weights[ai] * m.scaling });
+                bias_adds.entry(bias_key).or_default().push(Step::AddVector {
+                    adapter: ai,
+                    key: bias.clone(),
+                    coeff: weights[ai] * m.scaling,
+                });
             }
         }
         if !resolved_any {
             return Err(Error::adapter(
                 &adapter.dir,
-                format!("the adapter targets no module of the base {} (e.g. {}.weight is not in it)", base.dir.display(), missing[0]),
+                format!(
+                    "the adapter targets no module of the base {} (e.g. {}.weight is not in it)",
+                    base.dir.display(),
+                    missing[0]
+                ),
             ));
         }
         if let Some(m) = missing.first() {
-            return Err(Error::shape(m, format!("{}: the base {} has no tensor {m}.weight", path.display(), base.dir.display())));
+            return Err(Error::shape(
+                m,
+                format!(
+                    "{}: the base {} has no tensor {m}.weight",
+                    path.display(),
+                    base.dir.display()
+                ),
+            ));
         }
         for saved in &adapter.saved {
             let module = saved.param.rsplit_once('.').map_or(saved.param.as_str(), |(m, _)| m);
@@ -299,7 +341,11 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
                     continue;
                 }
                 None => {
-                    warnings.push(format!("{}: tensor {} names no parameter of the base; ignored (as PEFT does)", path.display(), saved.key));
+                    warnings.push(format!(
+                        "{}: tensor {} names no parameter of the base; ignored (as PEFT does)",
+                        path.display(),
+                        saved.key
+                    ));
                     continue;
                 }
             };
@@ -312,23 +358,39 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
             }
             let (_, entry) = base.get(&target).expect("resolved");
             let st = adapter.file.get(&saved.key).expect("listed");
-            if st.shape != entry.shape && !target.contains("embed") && !target.contains("wte") && !target.contains("lm_head") {
+            if st.shape != entry.shape
+                && !target.contains("embed")
+                && !target.contains("wte")
+                && !target.contains("lm_head")
+            {
                 return Err(Error::shape(
                     module,
-                    format!("{}: saved tensor {} has shape {} but the base tensor {target} has {}", path.display(), saved.key, shape_str(&st.shape), shape_str(&entry.shape)),
+                    format!(
+                        "{}: saved tensor {} has shape {} but the base tensor {target} has {}",
+                        path.display(),
+                        saved.key,
+                        shape_str(&st.shape),
+                        shape_str(&entry.shape)
+                    ),
                 ));
             }
         }
     }
     for (name, _, _) in &added {
         if let Some(other) = added.iter().filter(|(n, _, _)| n == name).nth(1) {
-            return Err(Error::InvalidArgument(format!("tensor {name} is saved in full by more than one adapter ({})", adapters[other.1].dir.display())));
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name} is saved in full by more than one adapter ({})",
+                adapters[other.1].dir.display()
+            )));
         }
     }
 
     // A task head (classification, QA) that the base lacks: the output is that task's model class.
     let task = adapters.iter().find_map(|a| a.config.task_type.as_deref());
-    let head_task = HEAD_TASKS.iter().find(|(t, _)| Some(*t) == task).filter(|_| !added.is_empty());
+    let head_task = HEAD_TASKS
+        .iter()
+        .find(|(t, _)| Some(*t) == task)
+        .filter(|_| !added.is_empty());
     let rename = |k: &str| -> String {
         match (&prefix, head_task) {
             (Some(p), Some(_)) if !k.starts_with(&format!("{p}.")) => format!("{p}.{k}"),
@@ -349,11 +411,30 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
             let (source, src_type, shape) = match replaced {
                 Some((ai, key)) => {
                     let st = adapters[*ai].file.get(key).expect("listed");
-                    (Source::Adapter { adapter: *ai, key: key.clone() }, st.float_type(), st.shape.clone())
+                    (
+                        Source::Adapter {
+                            adapter: *ai,
+                            key: key.clone(),
+                        },
+                        st.float_type(),
+                        st.shape.clone(),
+                    )
                 }
-                None => (Source::Base { shard: si, name: name.clone() }, entry.float_type(), entry.shape.clone()),
+                None => (
+                    Source::Base {
+                        shard: si,
+                        name: name.clone(),
+                    },
+                    entry.float_type(),
+                    entry.shape.clone(),
+                ),
             };
-            let mut steps = lora_steps(name, contributions.get(name).map(Vec::as_slice).unwrap_or(&[]), adapters, &weights)?;
+            let mut steps = lora_steps(
+                name,
+                contributions.get(name).map(Vec::as_slice).unwrap_or(&[]),
+                adapters,
+                &weights,
+            )?;
             steps.extend(bias_adds.remove(name).unwrap_or_default());
             jobs.push(Job {
                 out_shard: si,
@@ -376,7 +457,9 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
             out_shard: last,
             out_name: param,
             source: Source::Adapter { adapter: ai, key },
-            work: st.float_type().map(|t| opts.dtype.unwrap_or(base_float(base).unwrap_or(t))),
+            work: st
+                .float_type()
+                .map(|t| opts.dtype.unwrap_or(base_float(base).unwrap_or(t))),
             shape: st.shape.clone(),
             steps: vec![],
             replaced: false,
@@ -396,7 +479,12 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
         }
         c
     });
-    Ok(Plan { jobs, shard_names: base.shard_names.clone(), config, warnings })
+    Ok(Plan {
+        jobs,
+        shard_names: base.shard_names.clone(),
+        config,
+        warnings,
+    })
 }
 
 /// The float type most of the base is stored in (what PEFT's model would be loaded as).
@@ -407,24 +495,37 @@ fn base_float(base: &Checkpoint) -> Option<FloatType> {
             *bytes.entry(t.dtype).or_default() += t.len;
         }
     }
-    bytes.into_iter().max_by_key(|(_, b)| *b).and_then(|(d, _)| FloatType::from_safetensors(d))
+    bytes
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .and_then(|(d, _)| FloatType::from_safetensors(d))
 }
 
 /// Group the LoRA contributions to one tensor into merge steps. One adapter with weight 1 is PEFT's
 /// `merge_and_unload` exactly: (B @ A) * s. Several adapters (or a weight) follow PEFT's exact `cat`
 /// combination: B_cat @ [w_i s_i A_i], then one rounding.
-fn lora_steps(tensor: &str, contribs: &[(usize, usize, Layout)], adapters: &[Adapter], weights: &[f32]) -> Result<Vec<Step>> {
+fn lora_steps(
+    tensor: &str,
+    contribs: &[(usize, usize, Layout)],
+    adapters: &[Adapter],
+    weights: &[f32],
+) -> Result<Vec<Step>> {
     let mut steps = Vec::new();
     for layout in [Layout::Transposed, Layout::Rows] {
         for embedding in [true, false] {
             let group: Vec<_> = contribs
                 .iter()
-                .filter(|(ai, mi, l)| *l == layout && (adapters[*ai].modules[*mi].kind == LayerKind::Embedding) == embedding)
+                .filter(|(ai, mi, l)| {
+                    *l == layout && (adapters[*ai].modules[*mi].kind == LayerKind::Embedding) == embedding
+                })
                 .collect();
             if group.is_empty() {
                 continue;
             }
-            let dora: Vec<_> = group.iter().filter(|(ai, mi, _)| adapters[*ai].modules[*mi].magnitude.is_some()).collect();
+            let dora: Vec<_> = group
+                .iter()
+                .filter(|(ai, mi, _)| adapters[*ai].modules[*mi].magnitude.is_some())
+                .collect();
             if !dora.is_empty() && (group.len() > 1 || weights[group[0].0] != 1.0) {
                 let m = &adapters[dora[0].0].modules[dora[0].1].module;
                 return Err(Error::unsupported(
@@ -437,7 +538,12 @@ fn lora_steps(tensor: &str, contribs: &[(usize, usize, Layout)], adapters: &[Ada
                 .iter()
                 .map(|(ai, mi, _)| {
                     let m = &adapters[*ai].modules[*mi];
-                    Part { adapter: *ai, a: m.a.clone(), b: m.b.clone(), pre_scale: (!single).then_some((weights[*ai], m.scaling)) }
+                    Part {
+                        adapter: *ai,
+                        a: m.a.clone(),
+                        b: m.b.clone(),
+                        pre_scale: (!single).then_some((weights[*ai], m.scaling)),
+                    }
                 })
                 .collect();
             let first = &adapters[group[0].0].modules[group[0].1];
@@ -468,12 +574,24 @@ fn set_dtype(config: &mut Value, t: FloatType) {
 
 /// Rewrite a base model's config as the task model PEFT trained (e.g. LlamaForCausalLM -> ...ForSequenceClassification).
 fn to_task_class(config: &mut Value, task: &str, suffix: &str, jobs: &[Job]) {
-    let arch = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).unwrap_or("").to_string();
+    let arch = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if !arch.ends_with(suffix) {
-        let stem = ["ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForPreTraining", "ForConditionalGeneration", "Model"]
-            .iter()
-            .find_map(|s| arch.strip_suffix(s))
-            .unwrap_or(&arch);
+        let stem = [
+            "ForCausalLM",
+            "LMHeadModel",
+            "ForMaskedLM",
+            "ForPreTraining",
+            "ForConditionalGeneration",
+            "Model",
+        ]
+        .iter()
+        .find_map(|s| arch.strip_suffix(s))
+        .unwrap_or(&arch);
         if !stem.is_empty() {
             config["architectures"] = serde_json::json!([format!("{stem}{suffix}")]);
         }
@@ -489,8 +607,11 @@ fn to_task_class(config: &mut Value, task: &str, suffix: &str, jobs: &[Job]) {
         let n = h.shape[0];
         let current = config.get("id2label").and_then(Value::as_object).map_or(0, |m| m.len());
         if current != n {
-            let id2label: serde_json::Map<String, Value> = (0..n).map(|i| (i.to_string(), Value::String(format!("LABEL_{i}")))).collect();
-            let label2id: serde_json::Map<String, Value> = (0..n).map(|i| (format!("LABEL_{i}"), Value::from(i))).collect();
+            let id2label: serde_json::Map<String, Value> = (0..n)
+                .map(|i| (i.to_string(), Value::String(format!("LABEL_{i}"))))
+                .collect();
+            let label2id: serde_json::Map<String, Value> =
+                (0..n).map(|i| (format!("LABEL_{i}"), Value::from(i))).collect();
             config["id2label"] = Value::Object(id2label);
             config["label2id"] = Value::Object(label2id);
         }
@@ -498,12 +619,20 @@ fn to_task_class(config: &mut Value, task: &str, suffix: &str, jobs: &[Job]) {
 }
 
 /// Merge `adapters` into the checkpoint folder `base`, writing the folder `out`.
-pub fn merge(base: &Path, adapters: &[PathBuf], out: &Path, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
+pub fn merge(
+    base: &Path,
+    adapters: &[PathBuf],
+    out: &Path,
+    opts: &MergeOptions,
+    progress: &dyn Progress,
+) -> Result<MergeReport> {
     let started = Instant::now();
     if adapters.is_empty() {
         return Err(Error::InvalidArgument("no adapter given".into()));
     }
-    let inputs: Vec<&Path> = std::iter::once(base).chain(adapters.iter().map(PathBuf::as_path)).collect();
+    let inputs: Vec<&Path> = std::iter::once(base)
+        .chain(adapters.iter().map(PathBuf::as_path))
+        .collect();
     let staging = Staging::new(out, &inputs, opts.overwrite)?;
     let base_ck = Checkpoint::open(base)?;
     let adapters: Vec<Adapter> = adapters.iter().map(|p| Adapter::open(p)).collect::<Result<_>>()?;
@@ -514,8 +643,14 @@ pub fn merge(base: &Path, adapters: &[PathBuf], out: &Path, opts: &MergeOptions,
     let fmt = HashMap::from([("format".to_string(), "pt".to_string())]);
     let source_entry = |job: &Job| -> (&SafetensorsFile, &TensorEntry) {
         match &job.source {
-            Source::Base { shard, name } => (&base_ck.shards[*shard], base_ck.shards[*shard].get(name).expect("planned")),
-            Source::Adapter { adapter, key } => (&adapters[*adapter].file, adapters[*adapter].file.get(key).expect("planned")),
+            Source::Base { shard, name } => (
+                &base_ck.shards[*shard],
+                base_ck.shards[*shard].get(name).expect("planned"),
+            ),
+            Source::Adapter { adapter, key } => (
+                &adapters[*adapter].file,
+                adapters[*adapter].file.get(key).expect("planned"),
+            ),
         }
     };
     let mut outputs = Vec::new();
@@ -526,7 +661,11 @@ pub fn merge(base: &Path, adapters: &[PathBuf], out: &Path, opts: &MergeOptions,
             .jobs
             .iter()
             .filter(|j| j.out_shard == si)
-            .map(|j| PlannedTensor { name: j.out_name.clone(), dtype: j.out_dtype(source_entry(j).1.dtype), shape: j.shape.clone() })
+            .map(|j| PlannedTensor {
+                name: j.out_name.clone(),
+                dtype: j.out_dtype(source_entry(j).1.dtype),
+                shape: j.shape.clone(),
+            })
             .collect();
         for t in &planned {
             weight_map.insert(t.name.clone(), shard_name.clone());
@@ -537,7 +676,12 @@ pub fn merge(base: &Path, adapters: &[PathBuf], out: &Path, opts: &MergeOptions,
     progress.start(total);
 
     let nonfinite = AtomicU64::new(0);
-    let ctx = Ctx { adapters: &adapters, safe: opts.safe_merge, nonfinite: &nonfinite, progress };
+    let ctx = Ctx {
+        adapters: &adapters,
+        safe: opts.safe_merge,
+        nonfinite: &nonfinite,
+        progress,
+    };
     pool.install(|| {
         plan.jobs.par_iter().try_for_each(|job| {
             if progress.cancelled() {
@@ -546,7 +690,15 @@ pub fn merge(base: &Path, adapters: &[PathBuf], out: &Path, opts: &MergeOptions,
             let (file, entry) = source_entry(job);
             let out = &outputs[job.out_shard];
             run_job(&ctx, job, file, entry, out)?;
-            progress.advance(&job.out_name, PlannedTensor { name: String::new(), dtype: job.out_dtype(entry.dtype), shape: job.shape.clone() }.byte_len() as u64);
+            progress.advance(
+                &job.out_name,
+                PlannedTensor {
+                    name: String::new(),
+                    dtype: job.out_dtype(entry.dtype),
+                    shape: job.shape.clone(),
+                }
+                .byte_len() as u64,
+            );
             Ok(())
         })
     })?;
@@ -564,7 +716,10 @@ pub fn merge(base: &Path, adapters: &[PathBuf], out: &Path, opts: &MergeOptions,
         copy_tokenizer_files(&a.dir, &staging.tmp)?;
     }
     if let Some(config) = &plan.config {
-        write_file(&staging.tmp.join("config.json"), serde_json::to_string_pretty(config).expect("json").as_bytes())?;
+        write_file(
+            &staging.tmp.join("config.json"),
+            serde_json::to_string_pretty(config).expect("json").as_bytes(),
+        )?;
     }
     let output = staging.commit()?;
     let count = |f: fn(&Job) -> bool| plan.jobs.iter().filter(|j| f(j)).count();
@@ -597,7 +752,10 @@ struct Factors {
 }
 
 fn load_factors(adapters: &[Adapter], parts: &[Part]) -> Result<Factors> {
-    let rank: usize = parts.iter().map(|p| adapters[p.adapter].file.get(&p.a).expect("listed").shape[0]).sum();
+    let rank: usize = parts
+        .iter()
+        .map(|p| adapters[p.adapter].file.get(&p.a).expect("listed").shape[0])
+        .sum();
     let mut a = Vec::new();
     let mut b_parts = Vec::new();
     for p in parts {
@@ -630,9 +788,12 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
     };
     let (work, src) = work;
     let cols = *job.shape.last().unwrap_or(&1);
-    let rows = if cols == 0 { 0 } else { entry.numel() / cols };
+    let rows = entry.numel().checked_div(cols).unwrap_or(0);
     if job.steps.iter().any(|s| matches!(s, Step::Lora { .. })) && job.shape.len() != 2 {
-        return Err(Error::shape(&job.out_name, format!("LoRA target has shape {}, expected a matrix", shape_str(&job.shape))));
+        return Err(Error::shape(
+            &job.out_name,
+            format!("LoRA target has shape {}, expected a matrix", shape_str(&job.shape)),
+        ));
     }
     // Factors and vectors for every step, read once for the tensor.
     let mut factors = Vec::new();
@@ -640,7 +801,9 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
     let mut magnitude = None;
     for step in &job.steps {
         match step {
-            Step::Lora { parts, magnitude: m, .. } => {
+            Step::Lora {
+                parts, magnitude: m, ..
+            } => {
                 factors.push(Some(load_factors(ctx.adapters, parts)?));
                 vectors.push(None);
                 if let Some((ai, key)) = m {
@@ -650,7 +813,15 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
             Step::AddVector { adapter, key, coeff } => {
                 let v = ctx.adapters[*adapter].file.read_f32(key)?;
                 if v.len() != entry.numel() {
-                    return Err(Error::shape(key, format!("bias delta has {} values, base tensor {} has {}", v.len(), job.out_name, entry.numel())));
+                    return Err(Error::shape(
+                        key,
+                        format!(
+                            "bias delta has {} values, base tensor {} has {}",
+                            v.len(),
+                            job.out_name,
+                            entry.numel()
+                        ),
+                    ));
                 }
                 factors.push(None);
                 vectors.push(Some(v.into_iter().map(|x| x * coeff).collect::<Vec<f32>>()));
@@ -670,7 +841,10 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
             let f = factors[0].as_ref().expect("lora step");
             let channels = if *layout == Layout::Rows { rows } else { cols };
             if m.len() != channels {
-                return Err(Error::shape(&job.out_name, format!("DoRA magnitude has {} values for {channels} output channels", m.len())));
+                return Err(Error::shape(
+                    &job.out_name,
+                    format!("DoRA magnitude has {} values for {channels} output channels", m.len()),
+                ));
             }
             let mut sumsq = vec![0f32; channels];
             for r0 in (0..rows).step_by(tile_rows) {
@@ -708,7 +882,12 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
         for (si, step) in job.steps.iter().enumerate() {
             let last = si + 1 == job.steps.len();
             match step {
-                Step::Lora { layout, post_scale, round_delta_first, .. } => {
+                Step::Lora {
+                    layout,
+                    post_scale,
+                    round_delta_first,
+                    ..
+                } => {
                     let f = factors[si].as_ref().expect("lora step");
                     lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
                     let s = *post_scale;
@@ -716,7 +895,11 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
                         for i in 0..n {
                             for j in 0..cols {
                                 let k = i * cols + j;
-                                let c = if *layout == Layout::Rows { scale[r0 + i] } else { scale[j] };
+                                let c = if *layout == Layout::Rows {
+                                    scale[r0 + i]
+                                } else {
+                                    scale[j]
+                                };
                                 w[k] = c * (w[k] + delta[k] * s);
                             }
                         }
@@ -743,7 +926,10 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
         let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut encoded)[..len * work.size()];
         if work.encode_checked(&w[..len], bytes) && !job.steps.is_empty() {
             // Rare: count what the merge made non-finite (the base may hold some already).
-            nonfinite += w[..len].iter().filter(|v| !v.is_finite() || work.round_trip(**v).is_infinite()).count() as u64;
+            nonfinite += w[..len]
+                .iter()
+                .filter(|v| !v.is_finite() || work.round_trip(**v).is_infinite())
+                .count() as u64;
             if ctx.safe {
                 return Err(Error::NonFinite {
                     tensor: job.out_name.clone(),
@@ -760,7 +946,17 @@ fn run_job(ctx: &Ctx, job: &Job, file: &SafetensorsFile, entry: &TensorEntry, ou
 /// Read rows [r0, r0+n) of a float tensor into `w` as f32, rounded to the working dtype (PEFT loads the
 /// base in the dtype it merges in).
 #[allow(clippy::too_many_arguments)]
-fn read_tile(file: &SafetensorsFile, entry: &TensorEntry, src: FloatType, work: FloatType, r0: usize, n: usize, cols: usize, raw: &mut [u32], w: &mut [f32]) -> Result<()> {
+fn read_tile(
+    file: &SafetensorsFile,
+    entry: &TensorEntry,
+    src: FloatType,
+    work: FloatType,
+    r0: usize,
+    n: usize,
+    cols: usize,
+    raw: &mut [u32],
+    w: &mut [f32],
+) -> Result<()> {
     let len = n * cols;
     let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(raw)[..len * src.size()];
     file.read_bytes(entry, (r0 * cols * src.size()) as u64, bytes)?;
@@ -815,7 +1011,9 @@ fn lora_delta(f: &Factors, layout: Layout, r0: usize, n: usize, cols: usize, dst
         Layout::Transposed => {
             // W (in, out): rows of A^T times B^T.
             let in_f = f.a.len() / rank.max(1);
-            let a_t = MatRef::from_row_major_slice(&f.a, rank, in_f).transpose().subrows(r0, n);
+            let a_t = MatRef::from_row_major_slice(&f.a, rank, in_f)
+                .transpose()
+                .subrows(r0, n);
             let b_t = MatRef::from_row_major_slice(&f.b, cols, rank).transpose();
             matmul_into(dst, a_t, b_t);
         }
@@ -828,7 +1026,18 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Weight formats that the merged safetensors replace: never copied into the output.
 fn is_weight_file(name: &str) -> bool {
-    [".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf"].iter().any(|e| name.ends_with(e))
+    [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".msgpack",
+        ".h5",
+        ".gguf",
+    ]
+    .iter()
+    .any(|e| name.ends_with(e))
         || name == INDEX_NAME
         || name.ends_with(".index.json")
 }
@@ -856,8 +1065,15 @@ fn copy_side_files(from: &Path, to: &Path, _shards: &[String]) -> Result<()> {
 /// An adapter trained with added tokens ships its tokenizer: it wins over the base's.
 fn copy_tokenizer_files(adapter: &Path, to: &Path) -> Result<()> {
     const NAMES: [&str; 9] = [
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-        "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.jinja",
     ];
     for name in NAMES {
         let src = adapter.join(name);
@@ -880,9 +1096,15 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     if p.exists() {
         return p.canonicalize().map_err(|e| Error::io(p, e));
     }
-    let parent = p.parent().filter(|x| !x.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = p
+        .parent()
+        .filter(|x| !x.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let parent = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
-    Ok(parent.join(p.file_name().ok_or_else(|| Error::InvalidArgument(format!("{}: not a usable output path", p.display())))?))
+    Ok(parent.join(
+        p.file_name()
+            .ok_or_else(|| Error::InvalidArgument(format!("{}: not a usable output path", p.display())))?,
+    ))
 }
 
 impl Staging {
@@ -893,18 +1115,35 @@ impl Staging {
             if out_abs == input || out_abs.starts_with(&input) || input.starts_with(&out_abs) {
                 return Err(Error::Output {
                     path: out.to_path_buf(),
-                    reason: format!("overlaps the input {}; lorafast never writes into its inputs", input.display()),
+                    reason: format!(
+                        "overlaps the input {}; lorafast never writes into its inputs",
+                        input.display()
+                    ),
                 });
             }
         }
         if out_abs.exists() && !overwrite {
-            return Err(Error::Output { path: out.to_path_buf(), reason: "already exists; pass --overwrite (overwrite=True) to replace it".into() });
+            return Err(Error::Output {
+                path: out.to_path_buf(),
+                reason: "already exists; pass --overwrite (overwrite=True) to replace it".into(),
+            });
         }
-        let name = out_abs.file_name().expect("absolute() gives a name").to_string_lossy().into_owned();
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let name = out_abs
+            .file_name()
+            .expect("absolute() gives a name")
+            .to_string_lossy()
+            .into_owned();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let tmp = out_abs.with_file_name(format!(".{name}.lorafast-tmp-{}-{stamp}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(Staging { tmp, out: out_abs, overwrite, committed: false })
+        Ok(Staging {
+            tmp,
+            out: out_abs,
+            overwrite,
+            committed: false,
+        })
     }
 
     /// Move the finished folder into place, replacing an old OUT only now that the new one is complete.
@@ -913,14 +1152,21 @@ impl Staging {
         let had_old = self.out.exists();
         if had_old {
             if !self.overwrite {
-                return Err(Error::Output { path: self.out.clone(), reason: "appeared while writing; not replaced".into() });
+                return Err(Error::Output {
+                    path: self.out.clone(),
+                    reason: "appeared while writing; not replaced".into(),
+                });
             }
             std::fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
         }
         std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
         self.committed = true;
         if had_old {
-            let r = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+            let r = if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
             r.map_err(|e| Error::io(&old, e))?;
         }
         Ok(self.out.clone())

@@ -48,7 +48,10 @@ pub struct AdapterConfig {
 /// Compile a Python `re` pattern with the Rust engine, or say clearly which pattern it cannot handle.
 fn py_regex(path: &Path, field: &str, pattern: &str) -> Result<Regex> {
     Regex::new(pattern).map_err(|e| {
-        Error::unsupported(path, format!("{field} pattern {pattern:?} is not supported by lorafast's regex engine: {e}"))
+        Error::unsupported(
+            path,
+            format!("{field} pattern {pattern:?} is not supported by lorafast's regex engine: {e}"),
+        )
     })
 }
 
@@ -64,7 +67,11 @@ impl AdapterConfig {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_NAME);
         if !path.exists() {
-            let what = if dir.is_dir() { "is not a PEFT adapter folder" } else { "does not exist" };
+            let what = if dir.is_dir() {
+                "is not a PEFT adapter folder"
+            } else {
+                "does not exist"
+            };
             return Err(Error::adapter(dir, format!("{what}: no {CONFIG_NAME}")));
         }
         Self::from_value(&path, read_json(&path)?)
@@ -75,26 +82,55 @@ impl AdapterConfig {
         let obj = raw.as_object().ok_or_else(|| bad("expected a JSON object".into()))?;
         let peft_type = obj.get("peft_type").and_then(Value::as_str).unwrap_or("");
         if peft_type != "LORA" {
-            let shown = if peft_type.is_empty() { "missing".to_string() } else { peft_type.to_string() };
-            return Err(Error::unsupported(path, format!("peft_type is {shown}; lorafast merges LoRA adapters (peft_type LORA)")));
+            let shown = if peft_type.is_empty() {
+                "missing".to_string()
+            } else {
+                peft_type.to_string()
+            };
+            return Err(Error::unsupported(
+                path,
+                format!("peft_type is {shown}; lorafast merges LoRA adapters (peft_type LORA)"),
+            ));
         }
         let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
         let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
         // Variants whose merge math differs from plain LoRA: refuse rather than merge them wrongly.
         if get("layer_replication").is_some() {
-            return Err(Error::unsupported(path, "layer_replication is set; PEFT itself refuses to merge such adapters"));
+            return Err(Error::unsupported(
+                path,
+                "layer_replication is set; PEFT itself refuses to merge such adapters",
+            ));
         }
-        if get("target_parameters").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-            return Err(Error::unsupported(path, "target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported"));
+        if get("target_parameters")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+        {
+            return Err(Error::unsupported(
+                path,
+                "target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported",
+            ));
         }
-        for k in ["alora_invocation_tokens", "trainable_token_indices", "arrow_config", "velora_config", "monteclora_config", "kasa_config"] {
+        for k in [
+            "alora_invocation_tokens",
+            "trainable_token_indices",
+            "arrow_config",
+            "velora_config",
+            "monteclora_config",
+            "kasa_config",
+        ] {
             if get(k).is_some() {
-                return Err(Error::unsupported(path, format!("{k} is set; that LoRA variant cannot be merged by lorafast")));
+                return Err(Error::unsupported(
+                    path,
+                    format!("{k} is set; that LoRA variant cannot be merged by lorafast"),
+                ));
             }
         }
         for k in ["use_bdlora", "use_qalora"] {
             if flag(k) {
-                return Err(Error::unsupported(path, format!("{k} is true; that LoRA variant cannot be merged by lorafast")));
+                return Err(Error::unsupported(
+                    path,
+                    format!("{k} is true; that LoRA variant cannot be merged by lorafast"),
+                ));
             }
         }
         if let Some(init) = get("init_lora_weights").and_then(Value::as_str) {
@@ -112,38 +148,61 @@ impl AdapterConfig {
         }
         let r = match get("r") {
             None => 8,
-            Some(v) => v.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(format!("r must be a positive integer, got {v}")))? as usize,
+            Some(v) => v
+                .as_u64()
+                .filter(|&r| r > 0)
+                .ok_or_else(|| bad(format!("r must be a positive integer, got {v}")))? as usize,
         };
         let lora_alpha = match get("lora_alpha") {
             None => 8.0,
-            Some(v) => v.as_f64().ok_or_else(|| bad(format!("lora_alpha must be a number, got {v}")))?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad(format!("lora_alpha must be a number, got {v}")))?,
         };
         let mut rank_pattern = Vec::new();
         for (k, v) in get("rank_pattern").and_then(Value::as_object).into_iter().flatten() {
-            let r = v.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(format!("rank_pattern[{k:?}] must be a positive integer")))?;
+            let r = v
+                .as_u64()
+                .filter(|&r| r > 0)
+                .ok_or_else(|| bad(format!("rank_pattern[{k:?}] must be a positive integer")))?;
             rank_pattern.push((k.clone(), pattern_key_regex(path, "rank_pattern", k)?, r as usize));
         }
         let mut alpha_pattern = Vec::new();
         for (k, v) in get("alpha_pattern").and_then(Value::as_object).into_iter().flatten() {
-            let a = v.as_f64().ok_or_else(|| bad(format!("alpha_pattern[{k:?}] must be a number")))?;
+            let a = v
+                .as_f64()
+                .ok_or_else(|| bad(format!("alpha_pattern[{k:?}] must be a number")))?;
             alpha_pattern.push((k.clone(), pattern_key_regex(path, "alpha_pattern", k)?, a));
         }
         let module_set = |field: &str| -> Result<ModuleSet> {
             match get(field) {
                 None => Ok(ModuleSet::None),
                 Some(Value::String(s)) => Ok(ModuleSet::Regex(py_regex(path, field, &format!("^(?:{s})$"))?)),
-                Some(v) => strings(v).map(ModuleSet::Names).ok_or_else(|| bad(format!("{field} must be a list of names or a regex string"))),
+                Some(v) => strings(v)
+                    .map(ModuleSet::Names)
+                    .ok_or_else(|| bad(format!("{field} must be a list of names or a regex string"))),
             }
         };
         let target_modules = module_set("target_modules")?;
         let exclude_modules = module_set("exclude_modules")?;
         let layers_to_transform = match get("layers_to_transform") {
             None => None,
-            Some(Value::Number(n)) => Some(vec![n.as_i64().ok_or_else(|| bad("layers_to_transform must be integers".into()))?]),
+            Some(Value::Number(n)) => Some(vec![n
+                .as_i64()
+                .ok_or_else(|| bad("layers_to_transform must be integers".into()))?]),
             Some(Value::Array(a)) => Some(
-                a.iter().map(|x| x.as_i64().ok_or_else(|| bad("layers_to_transform must be integers".into()))).collect::<Result<_>>()?,
+                a.iter()
+                    .map(|x| {
+                        x.as_i64()
+                            .ok_or_else(|| bad("layers_to_transform must be integers".into()))
+                    })
+                    .collect::<Result<_>>()?,
             ),
-            Some(_) => return Err(bad("layers_to_transform must be an integer or a list of integers".into())),
+            Some(_) => {
+                return Err(bad(
+                    "layers_to_transform must be an integer or a list of integers".into()
+                ))
+            }
         };
         let layers_pattern = get("layers_pattern").and_then(strings).unwrap_or_default();
         let modules_to_save = get("modules_to_save").and_then(strings).unwrap_or_default();
@@ -154,7 +213,9 @@ impl AdapterConfig {
         let use_dora = flag("use_dora");
         let lora_bias = flag("lora_bias");
         if use_dora && lora_bias {
-            return Err(bad("use_dora and lora_bias cannot both be set (PEFT does not allow it)".into()));
+            return Err(bad(
+                "use_dora and lora_bias cannot both be set (PEFT does not allow it)".into(),
+            ));
         }
         Ok(AdapterConfig {
             path: path.to_path_buf(),
@@ -173,18 +234,26 @@ impl AdapterConfig {
             fan_in_fan_out: flag("fan_in_fan_out"),
             use_dora,
             lora_bias,
-            base_model_name_or_path: get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string),
+            base_model_name_or_path: get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             raw,
         })
     }
 
     /// PEFT's `get_pattern_key` + lookup: the first pattern `p` with `re.match(r"(.*\.)?(p)$", name)`.
     pub fn rank_for(&self, module: &str) -> usize {
-        self.rank_pattern.iter().find(|(_, re, _)| re.is_match(module)).map_or(self.r, |(_, _, r)| *r)
+        self.rank_pattern
+            .iter()
+            .find(|(_, re, _)| re.is_match(module))
+            .map_or(self.r, |(_, _, r)| *r)
     }
 
     pub fn alpha_for(&self, module: &str) -> f64 {
-        self.alpha_pattern.iter().find(|(_, re, _)| re.is_match(module)).map_or(self.lora_alpha, |(_, _, a)| *a)
+        self.alpha_pattern
+            .iter()
+            .find(|(_, re, _)| re.is_match(module))
+            .map_or(self.lora_alpha, |(_, _, a)| *a)
     }
 
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA; computed in f64 like Python, used as f32 like torch.
@@ -201,7 +270,9 @@ impl AdapterConfig {
     pub fn is_targeted(&self, module: &str) -> bool {
         match &self.exclude_modules {
             ModuleSet::Regex(re) if re.is_match(module) => return false,
-            ModuleSet::Names(names) if names.iter().any(|e| module == e || module.ends_with(&format!(".{e}"))) => return false,
+            ModuleSet::Names(names) if names.iter().any(|e| module == e || module.ends_with(&format!(".{e}"))) => {
+                return false
+            }
             _ => {}
         }
         if self.is_module_to_save(module) {
@@ -217,7 +288,9 @@ impl AdapterConfig {
         }
         let found = names.iter().any(|t| module.ends_with(&format!(".{t}")));
         match &self.layers_to_transform {
-            Some(layers) if found && !layers.is_empty() => layer_index(module, &self.layers_pattern).is_some_and(|i| layers.contains(&i)),
+            Some(layers) if found && !layers.is_empty() => {
+                layer_index(module, &self.layers_pattern).is_some_and(|i| layers.contains(&i))
+            }
             _ => found,
         }
     }
@@ -232,9 +305,14 @@ fn layer_index(module: &str, layers_pattern: &[String]) -> Option<i64> {
     let patterns: Vec<String> = if layers_pattern.is_empty() {
         vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
     } else {
-        layers_pattern.iter().map(|p| format!(r"^(?:.*?\.)?(?:{p})\.(\d+)\.")).collect()
+        layers_pattern
+            .iter()
+            .map(|p| format!(r"^(?:.*?\.)?(?:{p})\.(\d+)\."))
+            .collect()
     };
-    patterns.iter().find_map(|p| Regex::new(p).ok()?.captures(module)?.get(1)?.as_str().parse().ok())
+    patterns
+        .iter()
+        .find_map(|p| Regex::new(p).ok()?.captures(module)?.get(1)?.as_str().parse().ok())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +362,9 @@ pub struct Adapter {
     pub ignored_modules: Vec<String>,
 }
 
+/// Records one adapter tensor in its module's parts.
+type SetPart = fn(&mut Parts, String);
+
 #[derive(Default)]
 struct Parts {
     a: Option<String>,
@@ -313,34 +394,58 @@ impl Adapter {
         for t in file.tensors() {
             let key = &t.name;
             let rest = key.strip_prefix(KEY_PREFIX).ok_or_else(|| {
-                Error::adapter(&weights, format!("tensor {key} does not start with {KEY_PREFIX:?}; not a PEFT LoRA adapter file"))
+                Error::adapter(
+                    &weights,
+                    format!("tensor {key} does not start with {KEY_PREFIX:?}; not a PEFT LoRA adapter file"),
+                )
             })?;
             let rest = rest.strip_prefix("_orig_mod.").unwrap_or(rest);
-            let suffixes: [(&str, fn(&mut Parts, String)); 7] = [
+            let suffixes: [(&str, SetPart); 7] = [
                 (".lora_A.weight", |p, k| p.a = Some(k)),
                 (".lora_B.weight", |p, k| p.b = Some(k)),
                 (".lora_B.bias", |p, k| p.bias = Some(k)),
-                (".lora_embedding_A", |p, k| { p.a = Some(k); p.embedding = true }),
-                (".lora_embedding_B", |p, k| { p.b = Some(k); p.embedding = true }),
+                (".lora_embedding_A", |p, k| {
+                    p.a = Some(k);
+                    p.embedding = true
+                }),
+                (".lora_embedding_B", |p, k| {
+                    p.b = Some(k);
+                    p.embedding = true
+                }),
                 (".lora_magnitude_vector.weight", |p, k| p.magnitude = Some(k)),
                 (".lora_magnitude_vector", |p, k| p.magnitude = Some(k)),
             ];
-            if let Some((module, set)) = suffixes.iter().find_map(|(s, set)| rest.strip_suffix(s).map(|m| (m, set))) {
+            if let Some((module, set)) = suffixes
+                .iter()
+                .find_map(|(s, set)| rest.strip_suffix(s).map(|m| (m, set)))
+            {
                 if module.ends_with(".base_layer") {
-                    return Err(Error::unsupported(&weights, format!("tensor {key}: nested LoRA wrappers are not supported")));
+                    return Err(Error::unsupported(
+                        &weights,
+                        format!("tensor {key}: nested LoRA wrappers are not supported"),
+                    ));
                 }
                 set(parts.entry(module.to_string()).or_default(), key.clone());
             } else if rest.contains(".lora_") || rest.contains("token_adapter") {
-                return Err(Error::unsupported(&weights, format!("tensor {key} belongs to a LoRA variant lorafast cannot merge")));
+                return Err(Error::unsupported(
+                    &weights,
+                    format!("tensor {key} belongs to a LoRA variant lorafast cannot merge"),
+                ));
             } else {
-                saved.push(SavedTensor { param: rest.replace(".base_layer.", "."), key: key.clone() });
+                saved.push(SavedTensor {
+                    param: rest.replace(".base_layer.", "."),
+                    key: key.clone(),
+                });
             }
         }
         let mut modules = Vec::new();
         let mut ignored_modules = Vec::new();
         for (module, p) in parts {
             let (Some(a), Some(b)) = (p.a, p.b) else {
-                return Err(Error::adapter(&weights, format!("module {module}: has lora tensors but not both A and B")));
+                return Err(Error::adapter(
+                    &weights,
+                    format!("module {module}: has lora tensors but not both A and B"),
+                ));
             };
             if !config.is_targeted(&module) {
                 ignored_modules.push(module);
@@ -351,22 +456,37 @@ impl Adapter {
             if a_shape.len() != 2 || b_shape.len() != 2 {
                 return Err(Error::unsupported(
                     &weights,
-                    format!("module {module}: LoRA on convolution layers (A {a_shape:?}, B {b_shape:?}) is not supported"),
+                    format!(
+                        "module {module}: LoRA on convolution layers (A {a_shape:?}, B {b_shape:?}) is not supported"
+                    ),
                 ));
             }
             let r = config.rank_for(&module);
-            let kind = if p.embedding { LayerKind::Embedding } else { LayerKind::Linear };
+            let kind = if p.embedding {
+                LayerKind::Embedding
+            } else {
+                LayerKind::Linear
+            };
             if a_shape[0] != r || b_shape[1] != r {
                 return Err(Error::shape(
                     &module,
-                    format!("{}: A is {a_shape:?} and B is {b_shape:?}, but the config gives rank {r} for this module", weights.display()),
+                    format!(
+                        "{}: A is {a_shape:?} and B is {b_shape:?}, but the config gives rank {r} for this module",
+                        weights.display()
+                    ),
                 ));
             }
             if p.magnitude.is_some() && !config.use_dora {
-                return Err(Error::adapter(&weights, format!("module {module}: has a DoRA magnitude vector but use_dora is false")));
+                return Err(Error::adapter(
+                    &weights,
+                    format!("module {module}: has a DoRA magnitude vector but use_dora is false"),
+                ));
             }
             if config.use_dora && p.magnitude.is_none() {
-                return Err(Error::adapter(&weights, format!("module {module}: use_dora is true but lora_magnitude_vector is missing")));
+                return Err(Error::adapter(
+                    &weights,
+                    format!("module {module}: use_dora is true but lora_magnitude_vector is missing"),
+                ));
             }
             modules.push(LoraModule {
                 scaling: config.scaling_for(&module),
@@ -381,7 +501,14 @@ impl Adapter {
                 b_shape,
             });
         }
-        Ok(Adapter { dir: dir.to_path_buf(), config, file, modules, saved, ignored_modules })
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            config,
+            file,
+            modules,
+            saved,
+            ignored_modules,
+        })
     }
 
     pub fn weights_path(&self) -> PathBuf {
@@ -402,12 +529,24 @@ mod tests {
     fn rank_pattern_first_match_is_dot_bounded() {
         let c = cfg(json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
             "rank_pattern": {"q_proj": 2, "layers.1.self_attn.q_proj": 4, "^model.layers.0.self_attn.k_proj": 6}}));
-        assert_eq!(c.rank_for("model.layers.1.self_attn.q_proj"), 2, "order matters: q_proj comes first");
-        assert_eq!(c.rank_for("model.layers.0.self_attn.k_proj"), 6, "^ anchors the whole name");
+        assert_eq!(
+            c.rank_for("model.layers.1.self_attn.q_proj"),
+            2,
+            "order matters: q_proj comes first"
+        );
+        assert_eq!(
+            c.rank_for("model.layers.0.self_attn.k_proj"),
+            6,
+            "^ anchors the whole name"
+        );
         assert_eq!(c.rank_for("model.layers.3.self_attn.v_proj"), 8);
         let c = cfg(json!({"peft_type": "LORA", "rank_pattern": {"layers.1.self_attn.q_proj": 4, "proj": 3}}));
         assert_eq!(c.rank_for("model.layers.1.self_attn.q_proj"), 4);
-        assert_eq!(c.rank_for("model.layers.11.self_attn.q_proj"), 8, "a partial component does not match");
+        assert_eq!(
+            c.rank_for("model.layers.11.self_attn.q_proj"),
+            8,
+            "a partial component does not match"
+        );
     }
 
     #[test]
@@ -422,27 +561,47 @@ mod tests {
 
     #[test]
     fn targeting_follows_peft() {
-        let c = cfg(json!({"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.0.self_attn.v_proj"],
-            "modules_to_save": ["score"], "layers_to_transform": [0, 1]}));
+        let c = cfg(
+            json!({"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.0.self_attn.v_proj"],
+            "modules_to_save": ["score"], "layers_to_transform": [0, 1]}),
+        );
         assert!(c.is_targeted("model.layers.0.self_attn.q_proj"));
         assert!(!c.is_targeted("model.layers.0.self_attn.v_proj"), "excluded");
-        assert!(!c.is_targeted("model.layers.2.self_attn.q_proj"), "layer not transformed");
-        assert!(!c.is_targeted("model.layers.0.self_attn.xq_proj"), "suffix must be dot-bounded");
+        assert!(
+            !c.is_targeted("model.layers.2.self_attn.q_proj"),
+            "layer not transformed"
+        );
+        assert!(
+            !c.is_targeted("model.layers.0.self_attn.xq_proj"),
+            "suffix must be dot-bounded"
+        );
         assert!(c.is_module_to_save("score") && !c.is_module_to_save("scores"));
         let c = cfg(json!({"peft_type": "LORA", "target_modules": ".*\\.(q|v)_proj"}));
         assert!(c.is_targeted("model.layers.7.self_attn.v_proj"));
-        assert!(!c.is_targeted("model.layers.7.self_attn.v_proj.extra"), "regex must match the whole name");
+        assert!(
+            !c.is_targeted("model.layers.7.self_attn.v_proj.extra"),
+            "regex must match the whole name"
+        );
     }
 
     #[test]
     fn unsupported_configs_are_refused_with_a_reason() {
-        let err = AdapterConfig::from_value(Path::new("c.json"), json!({"peft_type": "IA3"})).unwrap_err().to_string();
-        assert!(err.contains("IA3") && err.contains("c.json"), "{err}");
-        let err = AdapterConfig::from_value(Path::new("c.json"), json!({"peft_type": "LORA", "init_lora_weights": "pissa_niter_4"}))
+        let err = AdapterConfig::from_value(Path::new("c.json"), json!({"peft_type": "IA3"}))
             .unwrap_err()
             .to_string();
+        assert!(err.contains("IA3") && err.contains("c.json"), "{err}");
+        let err = AdapterConfig::from_value(
+            Path::new("c.json"),
+            json!({"peft_type": "LORA", "init_lora_weights": "pissa_niter_4"}),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("pissa"), "{err}");
-        assert!(AdapterConfig::from_value(Path::new("c.json"), json!({"peft_type": "LORA", "layer_replication": [[0, 2]]})).is_err());
+        assert!(AdapterConfig::from_value(
+            Path::new("c.json"),
+            json!({"peft_type": "LORA", "layer_replication": [[0, 2]]})
+        )
+        .is_err());
         assert!(AdapterConfig::from_value(Path::new("c.json"), json!({"peft_type": "LORA", "r": 0})).is_err());
     }
 }

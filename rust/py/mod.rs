@@ -15,7 +15,10 @@ use run::{run_detached, PyProgress};
 
 fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<FloatType>> {
     dtype
-        .map(|d| FloatType::parse(d).ok_or_else(|| Error::InvalidArgument(format!("unknown dtype {d:?}; use bf16, fp16 or fp32"))))
+        .map(|d| {
+            FloatType::parse(d)
+                .ok_or_else(|| Error::InvalidArgument(format!("unknown dtype {d:?}; use bf16, fp16 or fp32")))
+        })
         .transpose()
         .map_err(to_py)
 }
@@ -35,8 +38,16 @@ fn merge<'py>(
     overwrite: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = MergeOptions { weights, dtype: parse_dtype(dtype)?, threads, safe_merge, overwrite };
-    let report = run_detached(py, PyProgress::new(progress), |p| merge_checkpoint(&base, &adapters, &out, &opts, p))?;
+    let opts = MergeOptions {
+        weights,
+        dtype: parse_dtype(dtype)?,
+        threads,
+        safe_merge,
+        overwrite,
+    };
+    let report = run_detached(py, PyProgress::new(progress), |p| {
+        merge_checkpoint(&base, &adapters, &out, &opts, p)
+    })?;
     let d = PyDict::new(py);
     d.set_item("output", report.output)?;
     d.set_item("tensors_total", report.tensors_total)?;

@@ -18,7 +18,10 @@ pub struct PyProgress {
 
 impl PyProgress {
     pub fn new(callback: Option<Py<PyAny>>) -> Self {
-        PyProgress { callback, cancel: AtomicBool::new(false) }
+        PyProgress {
+            callback,
+            cancel: AtomicBool::new(false),
+        }
     }
     fn call(&self, args: (&str, u64)) {
         if let Some(cb) = &self.callback {
@@ -43,7 +46,11 @@ impl Progress for PyProgress {
 }
 
 /// Run `work` on a helper thread with the GIL released; Ctrl-C (seen by this thread) cancels it.
-pub fn run_detached<T: Send>(py: Python<'_>, progress: PyProgress, work: impl FnOnce(&dyn Progress) -> Result<T> + Send) -> PyResult<T> {
+pub fn run_detached<T: Send>(
+    py: Python<'_>,
+    progress: PyProgress,
+    work: impl FnOnce(&dyn Progress) -> Result<T> + Send,
+) -> PyResult<T> {
     let progress = &progress;
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel();
@@ -54,7 +61,11 @@ pub fn run_detached<T: Send>(py: Python<'_>, progress: PyProgress, work: impl Fn
         });
         let mut interrupt: Option<PyErr> = None;
         loop {
-            match py.detach(|| rx.lock().expect("only this thread locks it").recv_timeout(Duration::from_millis(100))) {
+            match py.detach(|| {
+                rx.lock()
+                    .expect("only this thread locks it")
+                    .recv_timeout(Duration::from_millis(100))
+            }) {
                 Ok(result) => {
                     return match (interrupt, result) {
                         (Some(e), _) => Err(e),
@@ -70,7 +81,9 @@ pub fn run_detached<T: Send>(py: Python<'_>, progress: PyProgress, work: impl Fn
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(pyo3::exceptions::PyRuntimeError::new_err("lorafast worker thread stopped unexpectedly"));
+                    return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                        "lorafast worker thread stopped unexpectedly",
+                    ));
                 }
             }
         }
