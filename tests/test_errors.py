@@ -10,9 +10,10 @@ import shutil
 import struct
 from pathlib import Path
 
-import lorafast
 import numpy as np
 import pytest
+
+import lorafast
 from lorafast import errors
 from lorafast.cli import main
 from lorafast.synthetic import LlamaShape, make_llama_checkpoint, make_lora_adapter, write_safetensors

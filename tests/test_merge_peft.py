@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lorafast
 import pytest
 import torch
 import transformers
@@ -18,6 +17,8 @@ from conftest import (
     tiny_qwen2_config,
 )
 from helpers import assert_matches_peft
+
+import lorafast
 from lorafast.reference import load_state_dict, peft_merge, reference_merge
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -273,3 +274,17 @@ def test_thread_count_does_not_change_bytes(tmp_path, llama_bf16, llama_adapter,
     many = lorafast.merge(llama_bf16, llama_adapter, tmp_path / "many", threads=threads, progress=False).output
     for f in sorted(p.name for p in one.glob("*.safetensors")):
         assert (one / f).read_bytes() == (many / f).read_bytes(), f
+
+
+def test_dora_on_embeddings(tmp_path, llama_bf16):
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        llama_bf16,
+        tmp_path / "ad",
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "v_proj"],
+        use_dora=True,
+        randomize=("lora_magnitude",),
+    )
+    check(tmp_path, transformers.AutoModelForCausalLM, llama_bf16, [ad])

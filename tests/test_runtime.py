@@ -11,9 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import lorafast
 import numpy as np
 import pytest
+
+import lorafast
 from lorafast.cli import main
 from lorafast.synthetic import LlamaShape, make_llama_checkpoint, make_lora_adapter
 
