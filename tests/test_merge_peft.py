@@ -288,3 +288,35 @@ def test_dora_on_embeddings(tmp_path, llama_bf16):
         randomize=("lora_magnitude",),
     )
     check(tmp_path, transformers.AutoModelForCausalLM, llama_bf16, [ad])
+
+
+def test_resized_vocabulary_saved_with_the_adapter(tmp_path, llama_bf16):
+    """Tokens added before training: PEFT saves the resized embedding and head in full."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_bf16)
+    model.resize_token_embeddings(264)
+    pm = get_peft_model(
+        model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    pm.save_pretrained(tmp_path / "ad")
+    saved = load_state_dict_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert any(k.endswith("embed_tokens.weight") for k in saved), sorted(saved)
+
+    ours = lorafast.merge(llama_bf16, tmp_path / "ad", tmp_path / "ours", progress=False).output
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama_bf16)
+    base.resize_token_embeddings(264)
+    PeftModel.from_pretrained(base, tmp_path / "ad").merge_and_unload().save_pretrained(tmp_path / "peft")
+    assert_matches_peft(ours, tmp_path / "peft")
+    assert json.loads((ours / "config.json").read_text())["vocab_size"] == 264
+    ids = torch.tensor([[1, 5, 260, 263]])
+    a = logits(transformers.AutoModelForCausalLM, ours, ids)
+    b = logits(transformers.AutoModelForCausalLM, tmp_path / "peft", ids)
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+def load_state_dict_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -40,8 +40,8 @@ impl Checkpoint {
         }
         let config = read_json_if_exists(&dir.join("config.json"))?;
         let index_path = dir.join(INDEX_NAME);
-        let (shard_names, sharded) = if index_path.exists() {
-            let index = read_json(&index_path)?;
+        let index = read_json_if_exists(&index_path)?;
+        let (shard_names, sharded) = if let Some(index) = &index {
             let map = index
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -102,9 +102,8 @@ impl Checkpoint {
             }
             shards.push(file);
         }
-        if sharded {
+        if let Some(index) = &index {
             // Every tensor the index promises must be where it says.
-            let index = read_json(&index_path)?;
             for (tensor, shard) in index["weight_map"].as_object().into_iter().flatten() {
                 let shard = shard.as_str().unwrap_or_default();
                 match locate.get(tensor) {

@@ -230,6 +230,7 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
     let mut replacements: BTreeMap<String, (usize, String)> = BTreeMap::new();
     let mut added: Vec<(String, usize, String)> = Vec::new();
     let mut prefix: Option<String> = None;
+    let mut vocab_size: Option<usize> = None;
 
     for (ai, adapter) in adapters.iter().enumerate() {
         let path = adapter.weights_path();
@@ -358,21 +359,23 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
             }
             let (_, entry) = base.get(&target).expect("resolved");
             let st = adapter.file.get(&saved.key).expect("listed");
-            if st.shape != entry.shape
-                && !target.contains("embed")
-                && !target.contains("wte")
-                && !target.contains("lm_head")
-            {
-                return Err(Error::shape(
-                    module,
-                    format!(
-                        "{}: saved tensor {} has shape {} but the base tensor {target} has {}",
-                        path.display(),
-                        saved.key,
-                        shape_str(&st.shape),
-                        shape_str(&entry.shape)
-                    ),
-                ));
+            // A resized vocabulary is the one shape change PEFT saves in full (embeddings, output head).
+            let vocab_tensor = INPUT_EMBEDDINGS.contains(&target.as_str())
+                || OUTPUT_HEADS.iter().any(|h| target.starts_with(&format!("{h}.")));
+            if st.shape != entry.shape {
+                if !(vocab_tensor && st.shape.len() == 2 && st.shape[1] == entry.shape[1]) {
+                    return Err(Error::shape(
+                        module,
+                        format!(
+                            "{}: saved tensor {} has shape {} but the base tensor {target} has {}",
+                            path.display(),
+                            saved.key,
+                            shape_str(&st.shape),
+                            shape_str(&entry.shape)
+                        ),
+                    ));
+                }
+                vocab_size = Some(st.shape[0]);
             }
         }
     }
@@ -473,6 +476,9 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
         }
         if untied {
             c["tie_word_embeddings"] = Value::Bool(false);
+        }
+        if let Some(v) = vocab_size {
+            c["vocab_size"] = Value::from(v);
         }
         if let Some((task, suffix)) = head_task {
             to_task_class(&mut c, task, suffix, &jobs);
@@ -711,7 +717,7 @@ pub fn merge(
         let index = serde_json::to_vec_pretty(&index_json(total, &weight_map)).expect("json");
         write_file(&staging.tmp.join(INDEX_NAME), &index)?;
     }
-    copy_side_files(&base_ck.dir, &staging.tmp, &base_ck.shard_names)?;
+    copy_side_files(&base_ck.dir, &staging.tmp)?;
     for a in &adapters {
         copy_tokenizer_files(&a.dir, &staging.tmp)?;
     }
@@ -1043,7 +1049,7 @@ fn is_weight_file(name: &str) -> bool {
 }
 
 /// Copy config, tokenizer and other small files (and sub-folders, e.g. sentence-transformers modules).
-fn copy_side_files(from: &Path, to: &Path, _shards: &[String]) -> Result<()> {
+fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let entry = entry.map_err(|e| Error::io(from, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -1054,7 +1060,7 @@ fn copy_side_files(from: &Path, to: &Path, _shards: &[String]) -> Result<()> {
         let kind = entry.file_type().map_err(|e| Error::io(&src, e))?;
         if kind.is_dir() {
             std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
-            copy_side_files(&src, &dst, &[])?;
+            copy_side_files(&src, &dst)?;
         } else if src.is_file() {
             std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
         }
