@@ -9,5 +9,6 @@ pub mod merge;
 pub mod peft;
 pub mod pool;
 pub mod progress;
+pub mod quant;
 
 pub use error::{Error, Result};

@@ -1,5 +1,6 @@
 //! The PyO3 binding: converts arguments, runs the core with the GIL released, converts results.
 mod errors;
+mod quant;
 mod run;
 
 use std::path::PathBuf;
@@ -111,5 +112,8 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::dequantize_nested, m)?)?;
     Ok(())
 }

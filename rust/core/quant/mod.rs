@@ -1,0 +1,326 @@
+//! NF4 / FP4 4-bit quantization with double quantization, byte-identical to bitsandbytes 0.50 as it
+//! runs on the CPU (`backends/default/ops.py` for 4-bit, the native LUT quantizer for the nested 8-bit
+//! level, torch's cascade sum for the offset). Where bitsandbytes' CUDA kernels round differently
+//! (FP4 thresholds and ties, all-zero NF4 blocks, nested codes) the CPU result is the one reproduced.
+mod mean;
+pub mod nested;
+pub mod state;
+pub mod tables;
+
+use rayon::prelude::*;
+
+use crate::core::dtype::FloatType;
+use crate::core::error::{Error, Result};
+
+pub use nested::NestedAbsmax;
+
+pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantType {
+    Nf4,
+    Fp4,
+}
+
+impl QuantType {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "nf4" => Ok(QuantType::Nf4),
+            "fp4" => Ok(QuantType::Fp4),
+            _ => Err(Error::InvalidArgument(format!("quant type {s:?}: use nf4 or fp4"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Nf4 => "nf4",
+            QuantType::Fp4 => "fp4",
+        }
+    }
+
+    /// The 16 code values (`quant_map`), indexed by code.
+    pub fn table(self) -> [f32; 16] {
+        let bits = match self {
+            QuantType::Nf4 => &tables::NF4_BITS,
+            QuantType::Fp4 => &tables::FP4_BITS,
+        };
+        bits.map(f32::from_bits)
+    }
+
+    /// bitsandbytes' CPU quantizer: `bucketize` against f32 midpoints of the sorted values, then the
+    /// sorted index mapped back to a code (identity for NF4).
+    fn bucketizer(self) -> Bucketizer {
+        let table = self.table();
+        let order: [u8; 16] = match self {
+            QuantType::Nf4 => std::array::from_fn(|i| i as u8),
+            QuantType::Fp4 => tables::FP4_ORDER,
+        };
+        let sorted = order.map(|o| table[o as usize]);
+        Bucketizer {
+            bounds: std::array::from_fn(|i| (sorted[i] + sorted[i + 1]) / 2.0),
+            order,
+        }
+    }
+}
+
+pub fn check_blocksize(blocksize: usize) -> Result<()> {
+    if BLOCKSIZES.contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "blocksize {blocksize}: bitsandbytes accepts {BLOCKSIZES:?}"
+        )))
+    }
+}
+
+struct Bucketizer {
+    bounds: [f32; 15],
+    order: [u8; 16],
+}
+
+impl Bucketizer {
+    /// `torch.bucketize(x, bounds, right=False)`: the number of bounds strictly below x; NaN sorts last.
+    #[inline(always)]
+    fn code(&self, x: f32) -> u8 {
+        let mut c = 0u8;
+        for b in &self.bounds {
+            c += (x > *b) as u8;
+        }
+        let c = if x.is_nan() { 15 } else { c };
+        self.order[c as usize]
+    }
+}
+
+/// A tensor to quantize, borrowed in its stored form.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    BF16(&'a [u16]),
+}
+
+impl Input<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Input::F32(x) => x.len(),
+            Input::F16(x) | Input::BF16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> FloatType {
+        match self {
+            Input::F32(_) => FloatType::F32,
+            Input::F16(_) => FloatType::F16,
+            Input::BF16(_) => FloatType::BF16,
+        }
+    }
+
+    /// Elements [start, start + out.len()) widened to f32 (exact).
+    fn load(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            Input::F32(x) => out.copy_from_slice(&x[start..end]),
+            Input::F16(x) => FloatType::F16.decode_u16(&x[start..end], out),
+            Input::BF16(x) => FloatType::BF16.decode_u16(&x[start..end], out),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizeOptions {
+    pub quant_type: QuantType,
+    pub blocksize: usize,
+    /// Double quantization (`compress_statistics`, `bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
+    /// torch's intra-op thread count: the offset's summation order depends on it (for 2M+ weights).
+    pub torch_threads: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum Absmax {
+    Plain(Vec<f32>),
+    Nested(NestedAbsmax),
+}
+
+#[derive(Debug, Clone)]
+pub struct Quantized {
+    /// Two codes per byte, first element in the high nibble; `(n + 1) / 2` bytes.
+    pub packed: Vec<u8>,
+    pub absmax: Absmax,
+}
+
+impl Quantized {
+    /// The f32 absmax per block, as dequantization uses it.
+    pub fn absmax_f32(&self) -> Vec<f32> {
+        match &self.absmax {
+            Absmax::Plain(a) => a.clone(),
+            Absmax::Nested(n) => n.dequantize(),
+        }
+    }
+}
+
+/// Blocks handed to one task: enough work to amortize scheduling, a whole number of blocks.
+const BLOCKS_PER_TASK: usize = 512;
+
+/// Quantize a flat tensor blockwise to 4 bits.
+pub fn quantize_4bit(input: Input<'_>, opts: &QuantizeOptions) -> Result<Quantized> {
+    check_blocksize(opts.blocksize)?;
+    let n = input.len();
+    let bs = opts.blocksize;
+    let nblocks = n.div_ceil(bs);
+    let bucketizer = opts.quant_type.bucketizer();
+    let mut packed = vec![0u8; n.div_ceil(2)];
+    let mut absmax = vec![0f32; nblocks];
+    let task_elems = BLOCKS_PER_TASK * bs;
+    packed
+        .par_chunks_mut(task_elems / 2)
+        .zip(absmax.par_chunks_mut(BLOCKS_PER_TASK))
+        .enumerate()
+        .for_each(|(t, (bytes, amax))| {
+            let mut x = vec![0f32; bs];
+            for (b, am) in amax.iter_mut().enumerate() {
+                let start = t * task_elems + b * bs;
+                let len = bs.min(n - start);
+                let x = &mut x[..len];
+                input.load(start, x);
+                *am = quantize_block(
+                    x,
+                    len < bs,
+                    &bucketizer,
+                    &mut bytes[b * bs / 2..(b * bs + len).div_ceil(2)],
+                );
+            }
+        });
+    let absmax = if opts.double_quant {
+        Absmax::Nested(NestedAbsmax::quantize(&absmax, opts.torch_threads))
+    } else {
+        Absmax::Plain(absmax)
+    };
+    Ok(Quantized { packed, absmax })
+}
+
+/// One block: returns the absmax bitsandbytes stores. Full blocks scale by the reciprocal of
+/// max(absmax, 1e-38); the tail block stores max(absmax, 1e-38) and divides by it.
+#[inline]
+fn quantize_block(x: &[f32], tail: bool, bz: &Bucketizer, out: &mut [u8]) -> f32 {
+    let mut m = 0f32;
+    let mut nan = false;
+    for v in x.iter() {
+        let a = v.abs();
+        nan |= a.is_nan();
+        m = if a > m { a } else { m };
+    }
+    let m = if nan { f32::NAN } else { m };
+    let floor = 1e-38f32;
+    let clamped = if m < floor { floor } else { m }; // NaN stays NaN, like torch.clamp
+    let code = |v: f32| -> u8 {
+        let xn = if tail { v / clamped } else { v * (1.0 / clamped) };
+        bz.code(xn)
+    };
+    let pairs = x.len() / 2;
+    for (o, p) in out[..pairs].iter_mut().zip(x.chunks_exact(2)) {
+        *o = (code(p[0]) << 4) | code(p[1]);
+    }
+    if x.len() % 2 == 1 {
+        // An odd element count is padded with a zero, which is code bz.code(0).
+        out[pairs] = (code(x[x.len() - 1]) << 4) | bz.code(0.0);
+    }
+    if tail {
+        clamped
+    } else {
+        m
+    }
+}
+
+/// Dequantize to f32 values, then to `dtype` bytes: `round(table[code] * absmax[block])`.
+pub fn dequantize_4bit(
+    packed: &[u8],
+    absmax: &[f32],
+    quant_type: QuantType,
+    blocksize: usize,
+    n: usize,
+    dtype: FloatType,
+) -> Result<Vec<u8>> {
+    check_blocksize(blocksize)?;
+    if packed.len() < n.div_ceil(2) || absmax.len() < n.div_ceil(blocksize) {
+        return Err(Error::InvalidArgument(format!(
+            "{} packed bytes and {} absmax values cannot hold {n} elements at blocksize {blocksize}",
+            packed.len(),
+            absmax.len()
+        )));
+    }
+    let table = quant_type.table();
+    let mut out = vec![0u8; n * dtype.size()];
+    let task_elems = BLOCKS_PER_TASK * blocksize;
+    out.par_chunks_mut(task_elems * dtype.size())
+        .enumerate()
+        .for_each(|(t, bytes)| {
+            let start = t * task_elems;
+            let len = bytes.len() / dtype.size();
+            let mut vals = vec![0f32; len];
+            for (i, v) in vals.iter_mut().enumerate() {
+                let e = start + i;
+                let byte = packed[e / 2];
+                let code = if e % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+                *v = table[code as usize] * absmax[e / blocksize];
+            }
+            dtype.encode_checked(&vals, bytes);
+        });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(qt: QuantType, bs: usize, dq: bool) -> QuantizeOptions {
+        QuantizeOptions {
+            quant_type: qt,
+            blocksize: bs,
+            double_quant: dq,
+            torch_threads: 1,
+        }
+    }
+
+    #[test]
+    fn spec_odd_length_examples() {
+        // bnb-4bit-spec §2.6: [1.0, -1.0, 0.5] packs as f0 c7 (NF4) and 3b 50 (FP4).
+        let x = [1.0f32, -1.0, 0.5];
+        let q = quantize_4bit(Input::F32(&x), &opts(QuantType::Nf4, 64, false)).unwrap();
+        assert_eq!(q.packed, vec![0xf0, 0xc7]);
+        let q = quantize_4bit(Input::F32(&x), &opts(QuantType::Fp4, 64, false)).unwrap();
+        assert_eq!(q.packed, vec![0x3b, 0x50]);
+    }
+
+    #[test]
+    fn zero_blocks_follow_the_cpu_rules() {
+        // A full all-zero block stores absmax 0 and NF4 code 7; a zero tail block stores 1e-38.
+        let x = vec![0f32; 64 + 10];
+        let q = quantize_4bit(Input::F32(&x), &opts(QuantType::Nf4, 64, false)).unwrap();
+        assert!(q.packed.iter().all(|b| *b == 0x77));
+        let Absmax::Plain(a) = q.absmax else { panic!() };
+        assert_eq!(a, vec![0.0, 1e-38]);
+    }
+
+    #[test]
+    fn round_trip_error_is_bounded() {
+        let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let q = quantize_4bit(Input::F32(&x), &opts(qt, 64, true)).unwrap();
+            let bytes = dequantize_4bit(&q.packed, &q.absmax_f32(), qt, 64, x.len(), FloatType::F32).unwrap();
+            let y: &[f32] = bytemuck::cast_slice(&bytes);
+            for (a, b) in x.iter().zip(y) {
+                assert!((a - b).abs() <= 0.2 * 50.0 / 64.0, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_blocksize_is_refused() {
+        assert!(quantize_4bit(Input::F32(&[1.0]), &opts(QuantType::Nf4, 48, false)).is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! Binding for the 4-bit kernels: numpy arrays in (borrowed, no copy), numpy arrays out (moved).
+use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::to_py;
+use crate::core::dtype::FloatType;
+use crate::core::quant::{self, Absmax, Input, NestedAbsmax, QuantType, QuantizeOptions};
+use crate::core::Error;
+
+fn float_type(dtype: &str) -> PyResult<FloatType> {
+    FloatType::parse(dtype).ok_or_else(|| to_py(Error::InvalidArgument(format!("unknown dtype {dtype:?}"))))
+}
+
+fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| to_py(Error::InvalidArgument(format!("{what} must be a contiguous 1-D array"))))
+}
+
+/// Quantize a flat array: f32 values, or 16-bit patterns (`dtype` "bf16"/"fp16") as uint16.
+#[pyfunction]
+#[pyo3(signature = (data, dtype, quant_type, blocksize, double_quant, torch_threads))]
+pub fn quantize_4bit<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    dtype: &str,
+    quant_type: &str,
+    blocksize: usize,
+    double_quant: bool,
+    torch_threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let ft = float_type(dtype)?;
+    let opts = QuantizeOptions {
+        quant_type: QuantType::parse(quant_type).map_err(to_py)?,
+        blocksize,
+        double_quant,
+        torch_threads: torch_threads.max(1),
+    };
+    let q = match ft {
+        FloatType::F32 => {
+            let a: PyReadonlyArray1<f32> = data.extract()?;
+            let s = contiguous(&a, "data")?;
+            py.detach(|| quant::quantize_4bit(Input::F32(s), &opts))
+        }
+        FloatType::F16 | FloatType::BF16 => {
+            let a: PyReadonlyArray1<u16> = data.extract()?;
+            let s = contiguous(&a, "data")?;
+            let input = if ft == FloatType::F16 {
+                Input::F16(s)
+            } else {
+                Input::BF16(s)
+            };
+            py.detach(|| quant::quantize_4bit(input, &opts))
+        }
+    }
+    .map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("packed", PyArray1::from_vec(py, q.packed))?;
+    match q.absmax {
+        Absmax::Plain(a) => d.set_item("absmax", PyArray1::from_vec(py, a))?,
+        Absmax::Nested(n) => {
+            d.set_item("absmax", PyArray1::from_vec(py, n.codes))?;
+            d.set_item("nested_absmax", PyArray1::from_vec(py, n.nested_absmax))?;
+            d.set_item("nested_offset", n.offset)?;
+            d.set_item("nested_quant_map", PyArray1::from_vec(py, n.code))?;
+        }
+    }
+    d.set_item("quant_map", PyArray1::from_vec(py, opts.quant_type.table().to_vec()))?;
+    Ok(d)
+}
+
+/// The f32 absmax of a double-quantized state.
+#[pyfunction]
+pub fn dequantize_nested<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u8>,
+    nested_absmax: PyReadonlyArray1<'py, f32>,
+    offset: f32,
+    code: PyReadonlyArray1<'py, f32>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let codes = contiguous(&codes, "absmax")?;
+    let blocks = codes.len().div_ceil(quant::nested::NESTED_BLOCKSIZE);
+    if nested_absmax.len() < blocks || code.len() != 256 {
+        return Err(to_py(Error::InvalidArgument(format!(
+            "nested state: {} codes need {blocks} nested absmax values and a 256-value map (got {} and {})",
+            codes.len(),
+            nested_absmax.len(),
+            code.len()
+        ))));
+    }
+    let n = NestedAbsmax {
+        codes: codes.to_vec(),
+        nested_absmax: contiguous(&nested_absmax, "nested_absmax")?.to_vec(),
+        offset,
+        code: contiguous(&code, "nested_quant_map")?.to_vec(),
+    };
+    Ok(PyArray1::from_vec(py, py.detach(|| n.dequantize())))
+}
+
+/// Dequantize to the bytes of `dtype` (returned as a uint8 array; the caller views it).
+#[pyfunction]
+pub fn dequantize_4bit<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    quant_type: &str,
+    blocksize: usize,
+    n: usize,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let (ft, qt) = (float_type(dtype)?, QuantType::parse(quant_type).map_err(to_py)?);
+    let (p, a) = (contiguous(&packed, "packed")?, contiguous(&absmax, "absmax")?);
+    let out = py
+        .detach(|| quant::dequantize_4bit(p, a, qt, blocksize, n, ft))
+        .map_err(to_py)?;
+    Ok(PyArray1::from_vec(py, out))
+}
