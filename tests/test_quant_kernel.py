@@ -175,7 +175,7 @@ def test_spec_test_vectors():
         n = case["n"]
         i = np.arange(n)
         v = (((i * 37) % 101) - 50) * (1 + ((i // 64) % 7))
-        x = torch.from_numpy((v.astype(np.float32) / np.float32(512))).to(getattr(torch, case["dtype"]))
+        x = torch.from_numpy(v.astype(np.float32) / np.float32(512)).to(getattr(torch, case["dtype"]))
         packed, state = quantize_4bit(x, case["quant_type"], case["blocksize"], case["double_quant"], torch_threads=2)
         assert bytes(packed.numpy().reshape(-1)).hex() == case["packed_hex"], case
         qs = json.loads(bytes(state[f"quant_state.bitsandbytes__{case['quant_type']}"].numpy()).decode())

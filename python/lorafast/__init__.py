@@ -12,5 +12,16 @@ from lorafast._core import __version__
 from lorafast.errors import LorafastError
 from lorafast.inspect import inspect_adapter, inspect_checkpoint
 from lorafast.merge import MergeReport, merge
+from lorafast.quant import QuantizeReport, dequantize, quantize
 
-__all__ = ["__version__", "merge", "MergeReport", "inspect_checkpoint", "inspect_adapter", "LorafastError"]
+__all__ = [
+    "__version__",
+    "merge",
+    "MergeReport",
+    "quantize",
+    "dequantize",
+    "QuantizeReport",
+    "inspect_checkpoint",
+    "inspect_adapter",
+    "LorafastError",
+]

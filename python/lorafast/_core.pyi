@@ -1,10 +1,23 @@
 from os import PathLike
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
+import numpy.typing as npt
+
 _Path = Union[str, PathLike[str]]
 
 __version__: str
-__all__ = ["__version__", "merge", "inspect_checkpoint", "inspect_adapter"]
+__all__ = [
+    "__version__",
+    "merge",
+    "inspect_checkpoint",
+    "inspect_adapter",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "dequantize_nested",
+    "quantize_checkpoint",
+    "dequantize_checkpoint",
+]
 
 def merge(
     base: _Path,
@@ -20,3 +33,36 @@ def merge(
 ) -> dict[str, Any]: ...
 def inspect_checkpoint(path: _Path) -> dict[str, Any]: ...
 def inspect_adapter(path: _Path) -> dict[str, Any]: ...
+def quantize_4bit(
+    data: npt.NDArray[Any], dtype: str, quant_type: str, blocksize: int, double_quant: bool, torch_threads: int
+) -> dict[str, Any]: ...
+def dequantize_4bit(
+    packed: npt.NDArray[np.uint8], absmax: npt.NDArray[np.float32], quant_type: str, blocksize: int, n: int, dtype: str
+) -> npt.NDArray[np.uint8]: ...
+def dequantize_nested(
+    codes: npt.NDArray[np.uint8], nested_absmax: npt.NDArray[np.float32], offset: float, code: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]: ...
+def quantize_checkpoint(
+    base: _Path,
+    out: _Path,
+    *,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    compute_dtype: str,
+    targets: Optional[Sequence[tuple[str, bool]]] = None,
+    skip_modules: Sequence[str] = ...,
+    torch_threads: int = 1,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[str, int], Any]] = None,
+) -> dict[str, Any]: ...
+def dequantize_checkpoint(
+    qdir: _Path,
+    out: _Path,
+    *,
+    dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[str, int], Any]] = None,
+) -> dict[str, Any]: ...

@@ -56,6 +56,44 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from lorafast.quant import quantize
+
+    r = quantize(
+        args.base,
+        args.out,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=not args.no_double_quant,
+        compute_dtype=args.compute_dtype,
+        skip_modules=args.skip_modules,
+        threads=args.threads,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    if not args.quiet:
+        print(
+            f"quantized {r.tensors_quantized} weights ({r.elements_quantized / 1e6:.1f} M elements) to "
+            f"{args.quant_type}, copied {r.tensors_copied} tensors -> {r.output} "
+            f"({r.bytes_written / 1e9:.3f} GB in {r.seconds:.2f} s)"
+        )
+    return 0
+
+
+def _cmd_dequantize(args: argparse.Namespace) -> int:
+    from lorafast.quant import dequantize
+
+    r = dequantize(
+        args.qdir, args.out, dtype=args.dtype, threads=args.threads, progress=not args.quiet, overwrite=args.overwrite
+    )
+    if not args.quiet:
+        print(
+            f"dequantized {r.tensors_quantized} weights, copied {r.tensors_copied} tensors -> {r.output} "
+            f"({r.bytes_written / 1e9:.3f} GB in {r.seconds:.2f} s)"
+        )
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -131,6 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     m.set_defaults(func=_cmd_merge)
+
+    q = sub.add_parser("quantize", help="write a 4-bit NF4/FP4 checkpoint, byte-identical to bitsandbytes'")
+    q.add_argument("base", help="base model folder (safetensors)")
+    q.add_argument("-o", "--out", required=True, help="output model folder")
+    q.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    q.add_argument("--blocksize", type=int, default=64, choices=[32, 64, 128, 256, 512, 1024, 2048, 4096])
+    q.add_argument("--no-double-quant", action="store_true", help="keep the absmax in fp32")
+    q.add_argument(
+        "--compute-dtype", choices=["bf16", "fp16", "fp32"], help="bnb_4bit_compute_dtype (default: base dtype)"
+    )
+    q.add_argument("--skip-modules", nargs="+", metavar="NAME", help="modules to leave unquantized")
+    q.add_argument("--threads", type=int, help="worker threads")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_quantize)
+
+    dq = sub.add_parser("dequantize", help="turn a 4-bit checkpoint back into a normal one")
+    dq.add_argument("qdir", help="pre-quantized model folder")
+    dq.add_argument("-o", "--out", required=True, help="output model folder")
+    dq.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the quant state's)")
+    dq.add_argument("--threads", type=int, help="worker threads")
+    dq.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    dq.add_argument("-q", "--quiet", action="store_true")
+    dq.set_defaults(func=_cmd_dequantize)
 
     i = sub.add_parser("inspect", help="describe a checkpoint or an adapter")
     i.add_argument("path")

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from lorafast import _core
 
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_DTYPE_NAMES.update({v: v for v in list(_DTYPE_NAMES.values())})
 
 
 def default_torch_threads() -> int:
@@ -161,4 +164,141 @@ def dequantize_4bit(packed: Any, state: Any) -> Any:
     return raw.view(np_dtype).reshape(shape)
 
 
-Tensorish = Union[np.ndarray, Any]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# --- whole checkpoints ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What a checkpoint quantization or dequantization did."""
+
+    output: Path
+    tensors_quantized: int
+    tensors_copied: int
+    elements_quantized: int
+    bytes_written: int
+    seconds: float
+
+
+def plan_targets(base: PathLike, skip_modules: Optional[Sequence[str]] = None) -> Optional[list[tuple[str, bool]]]:
+    """The weights transformers would quantize (``(name, is_conv1d)``), decided by transformers itself
+    on a meta-device model (no memory, no weights): exactly ``nn.Linear`` and ``Conv1D`` modules minus
+    ``get_modules_to_not_convert`` (output embeddings, tied weights, the last module, ``_keep_in_fp32_modules``,
+    ``llm_int8_skip_modules``). None when transformers is not installed (a name-based rule is used then)."""
+    try:
+        import torch
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return None
+    config = transformers.AutoConfig.from_pretrained(os.fspath(base))
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        return None
+    with torch.device("meta"):
+        model = cls(config)
+    skips = list(skip_modules) if skip_modules else None
+    not_convert = HfQuantizer.get_modules_to_not_convert(model, skips, model._keep_in_fp32_modules)
+    targets = []
+    for name, module in model.named_modules():
+        if not should_convert_module(name, not_convert):
+            continue
+        if isinstance(module, Conv1D) or type(module) is torch.nn.Linear:
+            targets.append((f"{name}.weight", isinstance(module, Conv1D)))
+    return targets
+
+
+def quantize(
+    base: PathLike,
+    out: PathLike,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: Optional[str] = None,
+    skip_modules: Optional[Sequence[str]] = None,
+    torch_threads: Optional[int] = None,
+    threads: Optional[int] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> QuantizeReport:
+    """Write a pre-quantized 4-bit checkpoint, byte-identical to what
+    ``AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    ...), device_map="cpu").save_pretrained(out)`` writes, without loading the model.
+
+    Args:
+        base: model folder (safetensors), or a Hub id.
+        out: output folder (written beside it in a temporary folder, renamed when complete).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: 32 ... 4096 (bitsandbytes' choices); 64 is QLoRA's.
+        double_quant: quantize the absmax too (``bnb_4bit_use_double_quant``).
+        compute_dtype: ``bnb_4bit_compute_dtype`` in the config (default: the base's dtype).
+        skip_modules: modules left unquantized (``llm_int8_skip_modules``), on top of transformers'
+            defaults (output head, tied weights).
+        torch_threads: the torch thread count whose summation order the double-quant offset follows.
+        threads: worker threads.
+
+    Example:
+        >>> import lorafast
+        >>> lorafast.quantize("llama-1b", "llama-1b-nf4")  # doctest: +SKIP
+        >>> # AutoModelForCausalLM.from_pretrained("llama-1b-nf4") loads it in 4-bit.
+    """
+    from lorafast.merge import _ProgressBar, resolve_model_path
+
+    base = resolve_model_path(base)
+    skips = list(skip_modules or [])
+    targets = plan_targets(base, skips + ["lm_head"] if skips else None)
+    config = json.loads((Path(base) / "config.json").read_text()) if (Path(base) / "config.json").exists() else {}
+    compute = compute_dtype or _DTYPE_NAMES.get(config.get("dtype") or config.get("torch_dtype") or "", "fp32")
+    bar = _ProgressBar("quantize") if progress else None
+    try:
+        raw = _core.quantize_checkpoint(
+            base,
+            os.fspath(out),
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute,
+            targets=targets,
+            # With skips, transformers adds no default ones; keep the output head unquantized explicitly.
+            skip_modules=(["lm_head"] + [s for s in skips if s != "lm_head"]) if skips else [],
+            torch_threads=torch_threads or default_torch_threads(),
+            threads=threads,
+            overwrite=overwrite,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    raw["output"] = Path(raw["output"])
+    return QuantizeReport(**raw)
+
+
+def dequantize(
+    qdir: PathLike,
+    out: PathLike,
+    *,
+    dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> QuantizeReport:
+    """Turn a pre-quantized 4-bit checkpoint back into a normal one: each weight equals
+    ``bitsandbytes.functional.dequantize_4bit`` of it (in the quant state's dtype, or ``dtype``)."""
+    from lorafast.merge import _ProgressBar
+
+    bar = _ProgressBar("dequantize") if progress else None
+    try:
+        raw = _core.dequantize_checkpoint(
+            os.fspath(qdir), os.fspath(out), dtype=dtype, threads=threads, overwrite=overwrite, progress=bar
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    raw["output"] = Path(raw["output"])
+    return QuantizeReport(**raw)

@@ -118,7 +118,7 @@ struct Plan {
 }
 
 /// GPT-2-family models store these projections as Conv1D, (in, out): PEFT forces fan_in_fan_out there.
-fn is_conv1d(model_type: Option<&str>, module: &str) -> bool {
+pub fn is_conv1d(model_type: Option<&str>, module: &str) -> bool {
     let family = matches!(
         model_type,
         Some("gpt2" | "openai-gpt" | "imagegpt" | "decision_transformer")
@@ -1026,7 +1026,7 @@ fn lora_delta(f: &Factors, layout: Layout, r0: usize, n: usize, cols: usize, dst
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
@@ -1049,7 +1049,7 @@ fn is_weight_file(name: &str) -> bool {
 }
 
 /// Copy config, tokenizer and other small files (and sub-folders, e.g. sentence-transformers modules).
-fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
+pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let entry = entry.map_err(|e| Error::io(from, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();

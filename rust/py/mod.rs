@@ -115,5 +115,7 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_nested, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quantize_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::dequantize_checkpoint, m)?)?;
     Ok(())
 }

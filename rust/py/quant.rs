@@ -115,3 +115,78 @@ pub fn dequantize_4bit<'py>(
         .map_err(to_py)?;
     Ok(PyArray1::from_vec(py, out))
 }
+
+fn report_dict<'py>(
+    py: Python<'py>,
+    r: crate::core::quant::checkpoint::QuantizeReport,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("output", r.output)?;
+    d.set_item("tensors_quantized", r.tensors_quantized)?;
+    d.set_item("tensors_copied", r.tensors_copied)?;
+    d.set_item("elements_quantized", r.elements_quantized)?;
+    d.set_item("bytes_written", r.bytes_written)?;
+    d.set_item("seconds", r.seconds)?;
+    Ok(d)
+}
+
+#[pyfunction]
+#[pyo3(signature = (base, out, *, quant_type, blocksize, double_quant, compute_dtype, targets=None, skip_modules=vec![], torch_threads=1, threads=None, overwrite=false, progress=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_checkpoint<'py>(
+    py: Python<'py>,
+    base: std::path::PathBuf,
+    out: std::path::PathBuf,
+    quant_type: &str,
+    blocksize: usize,
+    double_quant: bool,
+    compute_dtype: &str,
+    targets: Option<Vec<(String, bool)>>,
+    skip_modules: Vec<String>,
+    torch_threads: usize,
+    threads: Option<usize>,
+    overwrite: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use crate::core::quant::checkpoint::{quantize_checkpoint as run, QuantizeCheckpointOptions};
+    let opts = QuantizeCheckpointOptions {
+        quant: QuantizeOptions {
+            quant_type: QuantType::parse(quant_type).map_err(to_py)?,
+            blocksize,
+            double_quant,
+            torch_threads: torch_threads.max(1),
+        },
+        compute_dtype: float_type(compute_dtype)?,
+        targets,
+        skip_modules,
+        threads,
+        overwrite,
+    };
+    let r = super::run::run_detached(py, super::run::PyProgress::new(progress), |p| {
+        run(&base, &out, &opts, p)
+    })?;
+    report_dict(py, r)
+}
+
+#[pyfunction]
+#[pyo3(signature = (qdir, out, *, dtype=None, threads=None, overwrite=false, progress=None))]
+pub fn dequantize_checkpoint<'py>(
+    py: Python<'py>,
+    qdir: std::path::PathBuf,
+    out: std::path::PathBuf,
+    dtype: Option<&str>,
+    threads: Option<usize>,
+    overwrite: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use crate::core::quant::checkpoint::{dequantize_checkpoint as run, DequantizeOptions};
+    let opts = DequantizeOptions {
+        dtype: dtype.map(float_type).transpose()?,
+        threads,
+        overwrite,
+    };
+    let r = super::run::run_detached(py, super::run::PyProgress::new(progress), |p| {
+        run(&qdir, &out, &opts, p)
+    })?;
+    report_dict(py, r)
+}

@@ -1,3 +1,5 @@
+// The loops mirror the indices of ATen's cascade sum one for one, which is how this was checked.
+#![allow(clippy::needless_range_loop)]
 //! `torch.mean` of an f32 vector on the CPU, in torch's own summation order (ATen's cascade sum:
 //! `aten/src/ATen/native/cpu/SumKernel.cpp`), so the double-quantization offset - and every nested
 //! code derived from it - comes out bit-identical to bitsandbytes'.

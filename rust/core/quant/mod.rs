@@ -2,6 +2,7 @@
 //! runs on the CPU (`backends/default/ops.py` for 4-bit, the native LUT quantizer for the nested 8-bit
 //! level, torch's cascade sum for the offset). Where bitsandbytes' CUDA kernels round differently
 //! (FP4 thresholds and ties, all-zero NF4 blocks, nested codes) the CPU result is the one reproduced.
+pub mod checkpoint;
 mod mean;
 pub mod nested;
 pub mod state;
@@ -120,7 +121,7 @@ impl Input<'_> {
     }
 
     /// Elements [start, start + out.len()) widened to f32 (exact).
-    fn load(&self, start: usize, out: &mut [f32]) {
+    pub fn load(&self, start: usize, out: &mut [f32]) {
         let end = start + out.len();
         match self {
             Input::F32(x) => out.copy_from_slice(&x[start..end]),
@@ -170,13 +171,24 @@ const BLOCKS_PER_TASK: usize = 512;
 pub fn quantize_4bit(input: Input<'_>, opts: &QuantizeOptions) -> Result<Quantized> {
     check_blocksize(opts.blocksize)?;
     let n = input.len();
-    let bs = opts.blocksize;
-    let nblocks = n.div_ceil(bs);
-    let bucketizer = opts.quant_type.bucketizer();
     let mut packed = vec![0u8; n.div_ceil(2)];
-    let mut absmax = vec![0f32; nblocks];
+    let mut absmax = vec![0f32; n.div_ceil(opts.blocksize)];
+    quantize_codes(input, opts.quant_type, opts.blocksize, &mut packed, &mut absmax);
+    let absmax = if opts.double_quant {
+        Absmax::Nested(NestedAbsmax::quantize(&absmax, opts.torch_threads))
+    } else {
+        Absmax::Plain(absmax)
+    };
+    Ok(Quantized { packed, absmax })
+}
+
+/// Codes and per-block absmax for `input`: a run of whole blocks of a tensor, starting at a block
+/// boundary, of which only the tensor's last may be partial (bitsandbytes' "tail"); in parallel.
+pub fn quantize_codes(input: Input<'_>, quant_type: QuantType, bs: usize, packed: &mut [u8], absmax: &mut [f32]) {
+    let n = input.len();
+    let bucketizer = quant_type.bucketizer();
     let task_elems = BLOCKS_PER_TASK * bs;
-    packed
+    packed[..n.div_ceil(2)]
         .par_chunks_mut(task_elems / 2)
         .zip(absmax.par_chunks_mut(BLOCKS_PER_TASK))
         .enumerate()
@@ -184,6 +196,9 @@ pub fn quantize_4bit(input: Input<'_>, opts: &QuantizeOptions) -> Result<Quantiz
             let mut x = vec![0f32; bs];
             for (b, am) in amax.iter_mut().enumerate() {
                 let start = t * task_elems + b * bs;
+                if start >= n {
+                    break;
+                }
                 let len = bs.min(n - start);
                 let x = &mut x[..len];
                 input.load(start, x);
@@ -195,18 +210,13 @@ pub fn quantize_4bit(input: Input<'_>, opts: &QuantizeOptions) -> Result<Quantiz
                 );
             }
         });
-    let absmax = if opts.double_quant {
-        Absmax::Nested(NestedAbsmax::quantize(&absmax, opts.torch_threads))
-    } else {
-        Absmax::Plain(absmax)
-    };
-    Ok(Quantized { packed, absmax })
 }
 
-/// One block: returns the absmax bitsandbytes stores. Full blocks scale by the reciprocal of
-/// max(absmax, 1e-38); the tail block stores max(absmax, 1e-38) and divides by it.
+/// A block's absmax as bitsandbytes computes it (NaN-propagating), and the value it scales by:
+/// full blocks store the raw max and multiply by 1 / max(absmax, 1e-38); the tail block stores
+/// max(absmax, 1e-38) and divides by it.
 #[inline]
-fn quantize_block(x: &[f32], tail: bool, bz: &Bucketizer, out: &mut [u8]) -> f32 {
+pub fn block_absmax(x: &[f32], tail: bool) -> (f32, f32) {
     let mut m = 0f32;
     let mut nan = false;
     for v in x.iter() {
@@ -217,6 +227,13 @@ fn quantize_block(x: &[f32], tail: bool, bz: &Bucketizer, out: &mut [u8]) -> f32
     let m = if nan { f32::NAN } else { m };
     let floor = 1e-38f32;
     let clamped = if m < floor { floor } else { m }; // NaN stays NaN, like torch.clamp
+    (if tail { clamped } else { m }, clamped)
+}
+
+/// One block: codes into `out`, returns the absmax bitsandbytes stores.
+#[inline]
+fn quantize_block(x: &[f32], tail: bool, bz: &Bucketizer, out: &mut [u8]) -> f32 {
+    let (stored, clamped) = block_absmax(x, tail);
     let code = |v: f32| -> u8 {
         let xn = if tail { v / clamped } else { v * (1.0 / clamped) };
         bz.code(xn)
@@ -229,11 +246,7 @@ fn quantize_block(x: &[f32], tail: bool, bz: &Bucketizer, out: &mut [u8]) -> f32
         // An odd element count is padded with a zero, which is code bz.code(0).
         out[pairs] = (code(x[x.len() - 1]) << 4) | bz.code(0.0);
     }
-    if tail {
-        clamped
-    } else {
-        m
-    }
+    stored
 }
 
 /// Dequantize to f32 values, then to `dtype` bytes: `round(table[code] * absmax[block])`.

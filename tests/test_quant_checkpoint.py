@@ -1,0 +1,144 @@
+"""`lorafast quantize` / `dequantize` against transformers + bitsandbytes on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import save_model, tiny_gpt2_config, tiny_llama_config, tiny_qwen2_config
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import lorafast
+from lorafast import errors
+from lorafast.cli import main
+from lorafast.reference import load_state_dict
+
+F = pytest.importorskip("bitsandbytes.functional")
+
+# bitsandbytes' AVX512-BF16 CPU forward needs in_features divisible by the blocksize: 192-wide MLPs.
+CASES = {
+    "llama": (transformers.LlamaForCausalLM, lambda: tiny_llama_config(intermediate_size=192), torch.bfloat16),
+    "qwen2-tied": (transformers.Qwen2ForCausalLM, lambda: tiny_qwen2_config(intermediate_size=192), torch.bfloat16),
+    "gpt2": (transformers.GPT2LMHeadModel, tiny_gpt2_config, torch.float32),
+}
+
+
+def bnb_save(base: Path, out: Path, **kw) -> Path:
+    cfg = BitsAndBytesConfig(load_in_4bit=True, **kw)
+    AutoModelForCausalLM.from_pretrained(str(base), quantization_config=cfg, device_map="cpu").save_pretrained(out)
+    return out
+
+
+def logits(folder: Path, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu").eval()(ids).logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "qt,dq,bs", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)], ids=["nf4-dq-64", "fp4-128", "nf4-32"]
+)
+def test_quantized_checkpoint_is_byte_identical(tmp_path, case, qt, dq, bs):
+    cls, config, dtype = CASES[case]
+    base = save_model(cls, config(), tmp_path / "base", dtype)
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}["bf16" if dtype == torch.bfloat16 else "fp32"]
+    # transformers' BitsAndBytesConfig has no blocksize option: it always quantizes with 64.
+    if bs != 64:
+        # Each stored weight is bitsandbytes' own quantization at that blocksize, state included.
+        ours = lorafast.quantize(base, tmp_path / "ours", quant_type=qt, double_quant=dq, blocksize=bs, progress=False)
+        st, orig = load_state_dict(ours.output), load_state_dict(base)
+        weights = [k[: -len(f".quant_state.bitsandbytes__{qt}")] for k in st if k.endswith(f"__{qt}")]
+        assert weights
+        for w in weights:
+            src = orig[w].T.contiguous() if case == "gpt2" else orig[w]
+            packed, state = F.quantize_4bit(src, blocksize=bs, quant_type=qt, compress_statistics=dq)
+            assert torch.equal(st[w], packed), w
+            for k, v in state.as_dict(packed=True).items():
+                assert torch.equal(st[f"{w}.{k}"], v), (w, k)
+        return
+    theirs = bnb_save(
+        base, tmp_path / "bnb", bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=compute
+    )
+    ours = lorafast.quantize(base, tmp_path / "ours", quant_type=qt, double_quant=dq, progress=False).output
+    a, b = load_state_dict(ours), load_state_dict(theirs)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
+    # Single-file checkpoints: the whole file, byte for byte.
+    assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+    qc_ours = json.loads((ours / "config.json").read_text())["quantization_config"]
+    assert qc_ours == json.loads((theirs / "config.json").read_text())["quantization_config"]
+    # transformers loads it with no quantization_config argument, with the same logits.
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(ours, ids), logits(theirs, ids))
+
+
+def test_skip_modules(tmp_path):
+    base = save_model(
+        transformers.LlamaForCausalLM, tiny_llama_config(intermediate_size=192), tmp_path / "base", torch.bfloat16
+    )
+    theirs = bnb_save(
+        base,
+        tmp_path / "bnb",
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["lm_head", "down_proj"],
+    )
+    ours = lorafast.quantize(base, tmp_path / "ours", skip_modules=["down_proj"], progress=False).output
+    a, b = load_state_dict(ours), load_state_dict(theirs)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dequantize_equals_bitsandbytes(tmp_path, case):
+    cls, config, dtype = CASES[case]
+    base = save_model(cls, config(), tmp_path / "base", dtype)
+    q = lorafast.quantize(base, tmp_path / "q", progress=False).output
+    dq = lorafast.dequantize(q, tmp_path / "dq", progress=False).output
+    deq, qsd, orig = load_state_dict(dq), load_state_dict(q), load_state_dict(base)
+    assert sorted(deq) == sorted(orig), "a normal checkpoint with the base's tensor names"
+    assert "quantization_config" not in json.loads((dq / "config.json").read_text())
+    for k, t in deq.items():
+        assert t.shape == orig[k].shape and t.dtype == orig[k].dtype, k
+        qs_key = f"{k}.quant_state.bitsandbytes__nf4"
+        if qs_key not in qsd:
+            assert torch.equal(t, orig[k]), k
+            continue
+        state = F.QuantState.from_dict(
+            {kk.split(f"{k}.")[1]: v for kk, v in qsd.items() if kk.startswith(f"{k}.")}, device="cpu"
+        )
+        expected = F.dequantize_4bit(qsd[k], state).reshape(state.shape)
+        if case == "gpt2":
+            expected = expected.T  # Conv1D stores (in, out); bitsandbytes quantized the transpose
+        assert torch.equal(t.view(torch.uint8), expected.contiguous().view(torch.uint8)), k
+    # The dequantized model runs like the 4-bit one.
+    ids = torch.randint(0, 200, (1, 10))
+    a, b = logits(dq, ids), logits(q, ids)
+    assert torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_cli_quantize_dequantize_and_errors(tmp_path, capsys):
+    base = save_model(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "base", torch.bfloat16)
+    assert main(["quantize", str(base), "-o", str(tmp_path / "q"), "--quant-type", "fp4", "--blocksize", "128"]) == 0
+    assert "quantized 21 weights" in capsys.readouterr().out
+    assert main(["dequantize", str(tmp_path / "q"), "-o", str(tmp_path / "dq"), "--dtype", "fp32"]) == 0
+    assert all(v.dtype == torch.float32 for v in load_state_dict(tmp_path / "dq").values())
+    # Bad input: one line, non-zero exit, nothing left behind.
+    for argv, needle in [
+        (["quantize", str(base), "-o", str(tmp_path / "q")], "already exists"),
+        (["quantize", str(tmp_path / "q"), "-o", str(tmp_path / "qq")], "already quantized"),
+        (["dequantize", str(base), "-o", str(tmp_path / "x")], "no 4-bit"),
+        (["quantize", str(tmp_path / "missing"), "-o", str(tmp_path / "x")], "missing"),
+    ]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
+    with pytest.raises(errors.InvalidArgumentError, match="blocksize 48"):
+        lorafast.quantize(base, tmp_path / "y", blocksize=48, progress=False)
