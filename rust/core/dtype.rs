@@ -121,8 +121,8 @@ impl FloatType {
     }
 }
 
-/// Elementwise kernels written so the compiler vectorizes them, compiled twice on x86-64 (baseline and
-/// AVX2) and picked at run time.
+/// Elementwise kernels written so the compiler vectorizes them, compiled for x86-64 baseline, AVX2 and
+/// AVX-512 and picked at run time.
 pub mod simd {
     /// torch's `round_to_nearest_even`: RNE on the bit pattern, every NaN becomes 0x7FC0.
     #[inline(always)]
@@ -141,6 +141,8 @@ pub mod simd {
         b & 0x7F80_0000 == 0x7F80_0000
     }
 
+    #[macro_export]
+    #[doc(hidden)]
     macro_rules! dispatch {
         ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
             $(#[$doc])*
@@ -149,8 +151,15 @@ pub mod simd {
                 fn generic($($arg: $ty),*) $(-> $ret)? $body
                 #[cfg(target_arch = "x86_64")]
                 {
+                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+                    unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
                     #[target_feature(enable = "avx2")]
                     unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl") {
+                        // SAFETY: the CPU supports these AVX-512 subsets (checked just above).
+                        return unsafe { avx512($($arg),*) };
+                    }
                     if is_x86_feature_detected!("avx2") {
                         // SAFETY: the CPU supports AVX2 (checked just above).
                         return unsafe { avx2($($arg),*) };

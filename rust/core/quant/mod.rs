@@ -188,28 +188,97 @@ pub fn quantize_codes(input: Input<'_>, quant_type: QuantType, bs: usize, packed
     let n = input.len();
     let bucketizer = quant_type.bucketizer();
     let task_elems = BLOCKS_PER_TASK * bs;
+    // Scratch buffers live per worker: fresh ones per task would be mmap'ed and faulted in each time.
+    let scratch = || (vec![0f32; task_elems], vec![0u8; task_elems + 1]);
     packed[..n.div_ceil(2)]
         .par_chunks_mut(task_elems / 2)
         .zip(absmax.par_chunks_mut(BLOCKS_PER_TASK))
         .enumerate()
-        .for_each(|(t, (bytes, amax))| {
-            let mut x = vec![0f32; bs];
-            for (b, am) in amax.iter_mut().enumerate() {
-                let start = t * task_elems + b * bs;
-                if start >= n {
-                    break;
-                }
-                let len = bs.min(n - start);
-                let x = &mut x[..len];
-                input.load(start, x);
-                *am = quantize_block(
-                    x,
-                    len < bs,
-                    &bucketizer,
-                    &mut bytes[b * bs / 2..(b * bs + len).div_ceil(2)],
-                );
+        .for_each_init(scratch, |(x, codes), (t, (bytes, amax))| {
+            let start = t * task_elems;
+            let len = task_elems.min(n - start);
+            let x = &mut x[..len];
+            input.load(start, x);
+            let codes = &mut codes[..len + 1];
+            codes[len] = bucketizer.code(0.0); // the zero that pads an odd count
+            kernels::block_codes(
+                x,
+                bs,
+                &bucketizer.bounds,
+                &mut codes[..len],
+                &mut amax[..len.div_ceil(bs)],
+            );
+            if quant_type == QuantType::Fp4 {
+                kernels::remap(&mut codes[..len], &bucketizer.order);
             }
+            kernels::pack(codes, &mut bytes[..len.div_ceil(2)]);
         });
+}
+
+/// The hot loops, written for the vectorizer and compiled per instruction set (see `dtype::simd`).
+mod kernels {
+    use super::block_absmax;
+    use crate::dispatch;
+
+    /// Sorted-bucket index of each element (bucketize on bitsandbytes' f32 midpoints; NaN sorts last)
+    /// and each block's stored absmax.
+    /// NaN can only appear when the block's absmax is not finite (otherwise |x * (1 / m)| <= ~1), so the
+    /// NaN check is compiled in for those blocks alone.
+    #[inline(always)]
+    fn codes_of<const CHECK_NAN: bool>(x: &[f32], scale: f32, divide: bool, bounds: &[f32; 15], out: &mut [u8]) {
+        for (o, v) in out.iter_mut().zip(x) {
+            let xn = if divide { *v / scale } else { *v * scale };
+            // 32-bit counts: the same lane width as the floats, so the compares vectorize cleanly.
+            let mut c = 0u32;
+            for b in bounds {
+                c += (xn > *b) as u32;
+            }
+            *o = if CHECK_NAN && xn.is_nan() { 15 } else { c as u8 };
+        }
+    }
+
+    dispatch! {
+        /// Per block: absmax, then codes (full blocks multiply by the reciprocal, the tail divides).
+        pub fn block_codes(x: &[f32], bs: usize, bounds: &[f32; 15], codes: &mut [u8], absmax: &mut [f32]) {
+            for ((xb, cb), am) in x.chunks(bs).zip(codes.chunks_mut(bs)).zip(absmax.iter_mut()) {
+                let tail = xb.len() < bs;
+                let (stored, clamped) = block_absmax(xb, tail);
+                *am = stored;
+                match (tail, clamped.is_finite()) {
+                    (true, _) => codes_of::<true>(xb, clamped, true, bounds, cb),
+                    (false, true) => codes_of::<false>(xb, 1.0 / clamped, false, bounds, cb),
+                    (false, false) => codes_of::<true>(xb, 1.0 / clamped, false, bounds, cb),
+                }
+            }
+        }
+    }
+
+    /// Sorted index -> code (FP4's table is not sorted).
+    pub fn remap(codes: &mut [u8], order: &[u8; 16]) {
+        for c in codes.iter_mut() {
+            *c = order[(*c & 15) as usize];
+        }
+    }
+
+    dispatch! {
+        /// Two codes per byte, the first in the high nibble; `codes` holds one spare code for odd counts.
+        pub fn pack(codes: &[u8], out: &mut [u8]) {
+            for (o, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
+                *o = (pair[0] << 4) | pair[1];
+            }
+        }
+    }
+
+    dispatch! {
+        /// `table[code] * absmax` per element, block by block, as f32.
+        pub fn dequantize_block(packed: &[u8], pairs: &[[f32; 2]; 256], absmax: f32, out: &mut [f32]) {
+            for (o, b) in out.chunks_exact_mut(2).zip(packed) {
+                let p = pairs[*b as usize];
+                o[0] = p[0] * absmax;
+                o[1] = p[1] * absmax;
+            }
+        }
+    }
 }
 
 /// A block's absmax as bitsandbytes computes it (NaN-propagating), and the value it scales by:
@@ -230,25 +299,6 @@ pub fn block_absmax(x: &[f32], tail: bool) -> (f32, f32) {
     (if tail { clamped } else { m }, clamped)
 }
 
-/// One block: codes into `out`, returns the absmax bitsandbytes stores.
-#[inline]
-fn quantize_block(x: &[f32], tail: bool, bz: &Bucketizer, out: &mut [u8]) -> f32 {
-    let (stored, clamped) = block_absmax(x, tail);
-    let code = |v: f32| -> u8 {
-        let xn = if tail { v / clamped } else { v * (1.0 / clamped) };
-        bz.code(xn)
-    };
-    let pairs = x.len() / 2;
-    for (o, p) in out[..pairs].iter_mut().zip(x.chunks_exact(2)) {
-        *o = (code(p[0]) << 4) | code(p[1]);
-    }
-    if x.len() % 2 == 1 {
-        // An odd element count is padded with a zero, which is code bz.code(0).
-        out[pairs] = (code(x[x.len() - 1]) << 4) | bz.code(0.0);
-    }
-    stored
-}
-
 /// Dequantize to f32 values, then to `dtype` bytes: `round(table[code] * absmax[block])`.
 pub fn dequantize_4bit(
     packed: &[u8],
@@ -266,24 +316,43 @@ pub fn dequantize_4bit(
             absmax.len()
         )));
     }
-    let table = quant_type.table();
     let mut out = vec![0u8; n * dtype.size()];
+    dequantize_into(packed, absmax, quant_type, blocksize, dtype, &mut out);
+    Ok(out)
+}
+
+/// [`dequantize_4bit`] into a caller's buffer of `n * dtype.size()` bytes (sizes already checked).
+pub fn dequantize_into(
+    packed: &[u8],
+    absmax: &[f32],
+    quant_type: QuantType,
+    blocksize: usize,
+    dtype: FloatType,
+    out: &mut [u8],
+) {
+    let table = quant_type.table();
+    // Both values of a packed byte at once: one lookup per two elements.
+    let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [table[b >> 4], table[b & 15]]);
     let task_elems = BLOCKS_PER_TASK * blocksize;
-    out.par_chunks_mut(task_elems * dtype.size())
-        .enumerate()
-        .for_each(|(t, bytes)| {
+    // One spare slot: an odd count still decodes whole bytes. Reused per worker.
+    out.par_chunks_mut(task_elems * dtype.size()).enumerate().for_each_init(
+        || vec![0f32; task_elems + 1],
+        |vals, (t, bytes)| {
             let start = t * task_elems;
             let len = bytes.len() / dtype.size();
-            let mut vals = vec![0f32; len];
-            for (i, v) in vals.iter_mut().enumerate() {
-                let e = start + i;
-                let byte = packed[e / 2];
-                let code = if e % 2 == 0 { byte >> 4 } else { byte & 0x0F };
-                *v = table[code as usize] * absmax[e / blocksize];
+            for b in 0..len.div_ceil(blocksize) {
+                let (e, lo) = (start + b * blocksize, b * blocksize);
+                let even = blocksize.min(len - lo).div_ceil(2) * 2;
+                kernels::dequantize_block(
+                    &packed[e / 2..(e + even) / 2],
+                    &pairs,
+                    absmax[e / blocksize],
+                    &mut vals[lo..lo + even],
+                );
             }
-            dtype.encode_checked(&vals, bytes);
-        });
-    Ok(out)
+            dtype.encode_checked(&vals[..len], bytes);
+        },
+    );
 }
 
 #[cfg(test)]
