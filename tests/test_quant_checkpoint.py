@@ -142,3 +142,31 @@ def test_cli_quantize_dequantize_and_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
     with pytest.raises(errors.InvalidArgumentError, match="blocksize 48"):
         lorafast.quantize(base, tmp_path / "y", blocksize=48, progress=False)
+
+
+@pytest.mark.parametrize("case", list(CASES) + ["bert-minilm", "gpt2-seq-cls", "bert-seq-cls"])
+def test_name_plan_equals_transformers_plan(tmp_path, case):
+    """The fast name rule finds exactly the weights transformers quantizes, for each tested architecture."""
+    from conftest import minilm_path
+
+    from lorafast import _core
+    from lorafast.quant import NAME_PLAN_MODEL_TYPES, plan_targets
+
+    if case == "bert-minilm":
+        base = minilm_path()
+    elif case == "gpt2-seq-cls":
+        base = save_model(transformers.GPT2ForSequenceClassification, tiny_gpt2_config(), tmp_path / "b", torch.float32)
+    elif case == "bert-seq-cls":
+        config = transformers.AutoConfig.from_pretrained(minilm_path(), num_labels=3)
+        base = save_model(transformers.BertForSequenceClassification, config, tmp_path / "b", torch.float32)
+    else:
+        cls, config, dtype = CASES[case]
+        base = save_model(cls, config(), tmp_path / "base", dtype)
+    assert json.loads((base / "config.json").read_text())["model_type"] in NAME_PLAN_MODEL_TYPES
+    exact = sorted(plan_targets(base))
+    names = _core.quantize_checkpoint(
+        base, tmp_path / "q", quant_type="nf4", blocksize=64, double_quant=True, compute_dtype="fp32", targets=None
+    )
+    stored = load_state_dict(names["output"])
+    found = sorted((k[: -len(".quant_state.bitsandbytes__nf4")]) for k in stored if k.endswith("__nf4"))
+    assert found == [name for name, _ in exact]

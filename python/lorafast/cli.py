@@ -67,6 +67,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         double_quant=not args.no_double_quant,
         compute_dtype=args.compute_dtype,
         skip_modules=args.skip_modules,
+        plan=args.plan,
         threads=args.threads,
         progress=not args.quiet,
         overwrite=args.overwrite,
@@ -180,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compute-dtype", choices=["bf16", "fp16", "fp32"], help="bnb_4bit_compute_dtype (default: base dtype)"
     )
     q.add_argument("--skip-modules", nargs="+", metavar="NAME", help="modules to leave unquantized")
+    q.add_argument(
+        "--plan",
+        choices=["auto", "names", "transformers"],
+        default="auto",
+        help="find the linear layers by name (fast) or with transformers' rules (any architecture)",
+    )
     q.add_argument("--threads", type=int, help="worker threads")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("-q", "--quiet", action="store_true")

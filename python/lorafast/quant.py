@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from lorafast import _core
+from lorafast.errors import InvalidArgumentError
 
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _DTYPE_NAMES.update({v: v for v in list(_DTYPE_NAMES.values())})
@@ -213,10 +214,19 @@ def plan_targets(base: PathLike, skip_modules: Optional[Sequence[str]] = None) -
     return targets
 
 
+# Architectures whose linear layers the name rule (in Rust) finds exactly as transformers does; the
+# tests check it against transformers' own plan for the ones they build.
+NAME_PLAN_MODEL_TYPES = frozenset(
+    "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe gemma gemma2 phi phi3 gpt2 gpt_neox gptj falcon bert "
+    "roberta opt bloom stablelm starcoder2 olmo olmo2 granite cohere".split()
+)
+
+
 def quantize(
     base: PathLike,
     out: PathLike,
     *,
+    plan: str = "auto",
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
@@ -240,6 +250,9 @@ def quantize(
         compute_dtype: ``bnb_4bit_compute_dtype`` in the config (default: the base's dtype).
         skip_modules: modules left unquantized (``llm_int8_skip_modules``), on top of transformers'
             defaults (output head, tied weights).
+        plan: how the weights to quantize are found: ``"names"`` (a name rule, no torch import),
+            ``"transformers"`` (transformers' own rules on a meta-device model: exact for any
+            architecture, but imports torch), ``"auto"`` (names for known architectures).
         torch_threads: the torch thread count whose summation order the double-quant offset follows.
         threads: worker threads.
 
@@ -252,8 +265,13 @@ def quantize(
 
     base = resolve_model_path(base)
     skips = list(skip_modules or [])
-    targets = plan_targets(base, skips + ["lm_head"] if skips else None)
     config = json.loads((Path(base) / "config.json").read_text()) if (Path(base) / "config.json").exists() else {}
+    if plan not in ("auto", "names", "transformers"):
+        raise InvalidArgumentError(f"plan {plan!r}: use auto, names or transformers")
+    use_transformers = plan == "transformers" or (
+        plan == "auto" and config.get("model_type") not in NAME_PLAN_MODEL_TYPES
+    )
+    targets = plan_targets(base, skips + ["lm_head"] if skips else None) if use_transformers else None
     compute = compute_dtype or _DTYPE_NAMES.get(config.get("dtype") or config.get("torch_dtype") or "", "fp32")
     bar = _ProgressBar("quantize") if progress else None
     try:

@@ -76,7 +76,10 @@ pub fn heuristic_targets(ck: &Checkpoint, skip: &[String]) -> Vec<(String, bool)
         "embed_out",
         "output",
     ];
-    const HEADS: [&str; 4] = ["score", "classifier", "qa_outputs", "pooler.dense"];
+    // transformers leaves "the module of the last parameter" unquantized, but strips only ".weight" from
+    // that parameter's name: a head whose last parameter is a bias (BERT's pooler, biased classifiers)
+    // is quantized after all. So heads are kept only when they have no bias.
+    const HEADS: [&str; 3] = ["score", "classifier", "qa_outputs"];
     let model_type = ck.model_type();
     ck.shards
         .iter()
@@ -88,7 +91,8 @@ pub fn heuristic_targets(ck: &Checkpoint, skip: &[String]) -> Vec<(String, bool)
                 && t.float_type().is_some()
                 && !NOT_LINEAR.contains(&leaf)
                 && !leaf.contains("embed")
-                && !HEADS.iter().any(|h| module == *h || module.ends_with(&format!(".{h}")))
+                && !(HEADS.iter().any(|h| module == *h || module.ends_with(&format!(".{h}")))
+                    && !ck.contains(&format!("{module}.bias")))
                 && !skipped(module, skip);
             quantizable.then(|| (t.name.clone(), is_conv1d(model_type, module)))
         })
