@@ -170,3 +170,49 @@ def test_name_plan_equals_transformers_plan(tmp_path, case):
     stored = load_state_dict(names["output"])
     found = sorted((k[: -len(".quant_state.bitsandbytes__nf4")]) for k in stored if k.endswith("__nf4"))
     assert found == [name for name, _ in exact]
+
+
+def test_merge_into_4bit_base_matches_float_reference(tmp_path):
+    """QLoRA: merge into a 4-bit base = bitsandbytes' dequantize_4bit(W) + delta (fp32), rounded once."""
+    from conftest import save_adapter
+
+    base = save_model(
+        transformers.LlamaForCausalLM, tiny_llama_config(intermediate_size=192), tmp_path / "base", torch.bfloat16
+    )
+    q = lorafast.quantize(base, tmp_path / "q4", progress=False).output
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapter = save_adapter(
+        transformers.AutoModelForCausalLM, base, tmp_path / "ad", r=8, lora_alpha=16, target_modules=targets
+    )
+    merged = lorafast.merge(q, adapter, tmp_path / "merged", progress=False).output
+    assert not [p for p in tmp_path.iterdir() if "lorafast-dequant" in p.name], "temporary folder left behind"
+    out, qsd = load_state_dict(merged), load_state_dict(q)
+    ad = load_state_dict_file(adapter / "adapter_model.safetensors")
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    checked = 0
+    for k, t in out.items():
+        if not k.endswith(".weight") or f"{k}.quant_state.bitsandbytes__nf4" not in qsd:
+            continue
+        state = F.QuantState.from_dict(
+            {kk.split(f"{k}.")[1]: v for kk, v in qsd.items() if kk.startswith(f"{k}.")}, device="cpu"
+        )
+        w = F.dequantize_4bit(qsd[k], state).reshape(state.shape)
+        module = k[: -len(".weight")]
+        a_key = f"base_model.model.{module}.lora_A.weight"
+        if a_key in ad:
+            delta = (ad[f"base_model.model.{module}.lora_B.weight"] @ ad[a_key]) * 2.0
+            expected = (w.float() + delta).to(torch.bfloat16)
+            diff = (t.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+            assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.999, k
+            checked += 1
+        else:
+            assert torch.equal(t, w), k  # untouched weights: exactly the dequantized ones
+    assert checked == 3 * 3  # 3 layers x 3 targets
+    ids = torch.randint(0, 200, (1, 8))
+    assert torch.isfinite(logits(merged, ids)).all()
+
+
+def load_state_dict_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

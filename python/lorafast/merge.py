@@ -102,9 +102,12 @@ def merge(
     stays bounded whatever the model size. Several adapters merge as
     ``W + sum_i weights[i] * scaling_i * B_i @ A_i`` (PEFT's exact ``cat`` combination).
 
+    A 4-bit bitsandbytes base (QLoRA) is dequantized exactly as bitsandbytes does and merged into, giving
+    a normal checkpoint: ``round(dequantize_4bit(W) + delta)``, the weights the adapter was trained on.
+
     Args:
         base: model folder (``model.safetensors`` or shards with ``model.safetensors.index.json``),
-            or a Hugging Face Hub id.
+            or a Hugging Face Hub id; may be a 4-bit checkpoint.
         adapters: one PEFT LoRA folder (or Hub id), or several.
         out: output folder; written beside it in a temporary folder and renamed when complete.
         weights: one weight per adapter (default 1.0 each); negative subtracts an adapter.
@@ -127,10 +130,23 @@ def merge(
     """
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
+    base = resolve_model_path(base)
+    if is_4bit_checkpoint(base):
+        return _merge_into_4bit(
+            base,
+            adapters,
+            out,
+            weights=weights,
+            dtype=dtype,
+            threads=threads,
+            progress=progress,
+            safe_merge=safe_merge,
+            overwrite=overwrite,
+        )
     bar = _ProgressBar("merge") if progress else None
     try:
         raw = _core.merge(
-            resolve_model_path(base),
+            base,
             [resolve_model_path(a) for a in adapters],
             os.fspath(out),
             weights=None if weights is None else [float(w) for w in weights],
@@ -145,3 +161,40 @@ def merge(
             bar.close()
     raw["output"] = Path(raw["output"])
     return MergeReport(**raw)
+
+
+def is_4bit_checkpoint(path: PathLike) -> bool:
+    """A bitsandbytes 4-bit checkpoint (``quantization_config.load_in_4bit`` in config.json)."""
+    cfg = Path(os.fspath(path)) / "config.json"
+    if not cfg.is_file():
+        return False
+    import json
+
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except ValueError:
+        return False
+    return bool(qc.get("load_in_4bit")) and qc.get("quant_method") == "bitsandbytes"
+
+
+def _merge_into_4bit(base: str, adapters, out: PathLike, **kw) -> MergeReport:
+    """QLoRA: the 4-bit base dequantized exactly as bitsandbytes does (to its quant state's dtype), then
+    the adapter merged with its delta in fp32 and one rounding - the weights QLoRA trained against, plus
+    the delta, as a normal checkpoint."""
+    import shutil
+    import tempfile
+
+    from lorafast.errors import OutputError
+    from lorafast.quant import dequantize
+
+    out = Path(os.fspath(out))
+    if out.exists() and not kw.get("overwrite"):
+        raise OutputError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    parent = out.absolute().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lorafast-dequant-", dir=parent))
+    try:
+        deq = dequantize(base, tmp / "base", threads=kw.get("threads"), progress=kw.get("progress", True))
+        report = merge(deq.output, adapters, out, **kw)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report

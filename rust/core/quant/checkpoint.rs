@@ -87,12 +87,13 @@ pub fn heuristic_targets(ck: &Checkpoint, skip: &[String]) -> Vec<(String, bool)
         .filter_map(|t| {
             let module = t.name.strip_suffix(".weight")?;
             let leaf = module.rsplit('.').next().unwrap_or(module);
+            let is_head = HEADS.iter().any(|h| module == *h || module.ends_with(&format!(".{h}")));
+            let kept_head = is_head && !ck.contains(&format!("{module}.bias"));
             let quantizable = t.shape.len() == 2
                 && t.float_type().is_some()
                 && !NOT_LINEAR.contains(&leaf)
                 && !leaf.contains("embed")
-                && !(HEADS.iter().any(|h| module == *h || module.ends_with(&format!(".{h}")))
-                    && !ck.contains(&format!("{module}.bias")))
+                && !kept_head
                 && !skipped(module, skip);
             quantizable.then(|| (t.name.clone(), is_conv1d(model_type, module)))
         })
