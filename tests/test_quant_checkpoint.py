@@ -216,3 +216,55 @@ def load_state_dict_file(path):
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_merge_into_4bit_base_and_requantize(tmp_path):
+    """--requantize: changed weights quantized again from their fp32 merged values with the base's settings
+    (bitsandbytes' own quantization of dequantize_4bit(W) + delta), untouched 4-bit weights byte for byte."""
+    from conftest import save_adapter
+
+    base = save_model(
+        transformers.LlamaForCausalLM, tiny_llama_config(intermediate_size=192), tmp_path / "base", torch.bfloat16
+    )
+    q = lorafast.quantize(base, tmp_path / "q4", progress=False).output
+    adapter = save_adapter(
+        transformers.AutoModelForCausalLM,
+        base,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+    )
+    out = lorafast.merge(q, adapter, tmp_path / "rq", requantize=True, progress=False).output
+    assert not [p for p in tmp_path.iterdir() if "lorafast-dequant" in p.name]
+    qsd, rsd = load_state_dict(q), load_state_dict(out)
+    ad = load_state_dict_file(adapter / "adapter_model.safetensors")
+    assert sorted(qsd) == sorted(rsd), "the same 4-bit layout"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == json.loads((q / "config.json").read_text())["quantization_config"]
+    changed = 0
+    for k in rsd:
+        if not k.endswith(".quant_state.bitsandbytes__nf4"):
+            continue
+        w = k.split(".quant_state.")[0]
+        module = w[: -len(".weight")]
+        a_key = f"base_model.model.{module}.lora_A.weight"
+        group = [n for n in rsd if n == w or n.startswith(f"{w}.")]
+        if a_key not in ad:
+            assert all(torch.equal(rsd[n], qsd[n]) for n in group), w  # untouched: copied byte for byte
+            continue
+        changed += 1
+        state = F.QuantState.from_dict({n.split(f"{w}.")[1]: qsd[n] for n in group if n != w}, device="cpu")
+        merged = (
+            F.dequantize_4bit(qsd[w], state).reshape(state.shape).float()
+            + (ad[f"base_model.model.{module}.lora_B.weight"] @ ad[a_key]) * 2.0
+        )
+        packed, ref_state = F.quantize_4bit(merged, blocksize=64, quant_type="nf4", compress_statistics=True)
+        # The fp32 products may differ from torch's in the last bit; codes then differ only near thresholds.
+        assert (rsd[w] != packed).float().mean() < 0.01, w
+        assert json.loads(bytes(rsd[k].numpy()))["dtype"] == "float32"  # as PEFT's merge into Linear4bit
+    assert changed == 3 * 2
+    ids = torch.randint(0, 200, (1, 8))
+    assert torch.isfinite(logits(out, ids)).all()
+    with pytest.raises(errors.InvalidArgumentError, match="4-bit"):
+        lorafast.merge(base, adapter, tmp_path / "x", requantize=True, progress=False)

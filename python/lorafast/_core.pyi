@@ -30,6 +30,7 @@ def merge(
     safe_merge: bool = False,
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
+    f32_outputs: Sequence[str] = ...,
 ) -> dict[str, Any]: ...
 def inspect_checkpoint(path: _Path) -> dict[str, Any]: ...
 def inspect_adapter(path: _Path) -> dict[str, Any]: ...
@@ -65,4 +66,5 @@ def dequantize_checkpoint(
     threads: Optional[int] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
+    only: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]: ...

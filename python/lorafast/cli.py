@@ -39,6 +39,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         safe_merge=args.safe_merge,
         overwrite=args.overwrite,
+        requantize=args.requantize,
     )
     for w in r.warnings:
         print(f"lorafast: warning: {w}", file=sys.stderr)
@@ -168,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="worker threads (default: LORAFAST_NUM_THREADS or all cores)")
     m.add_argument("--safe-merge", action="store_true", help="refuse to write NaN/Inf produced by the merge")
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    m.add_argument(
+        "--requantize",
+        action="store_true",
+        help="with a 4-bit base: write 4-bit again (changed weights re-quantized from fp32)",
+    )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     m.set_defaults(func=_cmd_merge)
 

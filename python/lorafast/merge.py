@@ -94,6 +94,8 @@ def merge(
     progress: bool = True,
     safe_merge: bool = False,
     overwrite: bool = False,
+    requantize: bool = False,
+    f32_outputs: Sequence[str] = (),
 ) -> MergeReport:
     """Merge PEFT LoRA adapters into a Hugging Face safetensors checkpoint, exactly as PEFT would.
 
@@ -116,6 +118,9 @@ def merge(
         progress: show a tqdm progress bar.
         safe_merge: refuse to write merged tensors that contain NaN or Inf.
         overwrite: replace ``out`` if it exists.
+        requantize: with a 4-bit base, write a 4-bit checkpoint again: the weights the adapter changes are
+            re-quantized from their fp32 merged values (no intermediate rounding), every other 4-bit
+            weight is copied byte for byte - what PEFT's merge into ``Linear4bit`` does, less its rounding.
 
     Returns:
         A :class:`MergeReport`.
@@ -136,6 +141,7 @@ def merge(
             base,
             adapters,
             out,
+            requantize,
             weights=weights,
             dtype=dtype,
             threads=threads,
@@ -143,6 +149,28 @@ def merge(
             safe_merge=safe_merge,
             overwrite=overwrite,
         )
+    if requantize:
+        from lorafast.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"{base}: requantize needs a 4-bit (bitsandbytes) base checkpoint")
+    return _merge_files(
+        base,
+        adapters,
+        out,
+        weights=weights,
+        dtype=dtype,
+        threads=threads,
+        progress=progress,
+        safe_merge=safe_merge,
+        overwrite=overwrite,
+        f32_outputs=f32_outputs,
+    )
+
+
+def _merge_files(
+    base: str, adapters, out: PathLike, *, weights, dtype, threads, progress, safe_merge, overwrite, f32_outputs=()
+) -> MergeReport:
+    """The Rust merge on float checkpoints, with a progress bar."""
     bar = _ProgressBar("merge") if progress else None
     try:
         raw = _core.merge(
@@ -155,6 +183,7 @@ def merge(
             safe_merge=safe_merge,
             overwrite=overwrite,
             progress=bar,
+            f32_outputs=list(f32_outputs),
         )
     finally:
         if bar is not None:
@@ -177,24 +206,82 @@ def is_4bit_checkpoint(path: PathLike) -> bool:
     return bool(qc.get("load_in_4bit")) and qc.get("quant_method") == "bitsandbytes"
 
 
-def _merge_into_4bit(base: str, adapters, out: PathLike, **kw) -> MergeReport:
+def _tensor_names(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            names.extend(st.keys())
+    return names
+
+
+def _targeted_4bit_weights(base: Path, adapters) -> list[str]:
+    """The 4-bit weights of `base` that the adapters' LoRA modules land in (prefix differences allowed)."""
+    tag = ".quant_state.bitsandbytes__"
+    four_bit = {n.split(tag)[0] for n in _tensor_names(base) if tag in n}
+    found = set()
+    for a in adapters:
+        for key in _tensor_names(Path(os.fspath(a))):
+            for suffix in (".lora_A.weight", ".lora_embedding_A"):
+                if key.endswith(suffix):
+                    module = key[len("base_model.model.") : -len(suffix)]
+                    for cand in (f"{module}.weight", f"{module.split('.', 1)[-1]}.weight"):
+                        if cand in four_bit:
+                            found.add(cand)
+                    found.update(w for w in four_bit if w.endswith(f".{module}.weight"))
+    return sorted(found)
+
+
+def _merge_into_4bit(base: str, adapters, out: PathLike, requantize: bool, **kw) -> MergeReport:
     """QLoRA: the 4-bit base dequantized exactly as bitsandbytes does (to its quant state's dtype), then
     the adapter merged with its delta in fp32 and one rounding - the weights QLoRA trained against, plus
-    the delta, as a normal checkpoint."""
+    the delta, as a normal checkpoint. With `requantize`, only the changed weights are dequantized, merged
+    unrounded (fp32) and quantized again with the base's settings; other 4-bit weights are copied."""
+    import json
     import shutil
     import tempfile
 
     from lorafast.errors import OutputError
-    from lorafast.quant import dequantize
+    from lorafast.quant import dequantize, quantize
 
     out = Path(os.fspath(out))
     if out.exists() and not kw.get("overwrite"):
         raise OutputError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
     parent = out.absolute().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lorafast-dequant-", dir=parent))
+    threads, progress = kw.get("threads"), kw.get("progress", True)
     try:
-        deq = dequantize(base, tmp / "base", threads=kw.get("threads"), progress=kw.get("progress", True))
-        report = merge(deq.output, adapters, out, **kw)
+        if not requantize:
+            deq = dequantize(base, tmp / "base", threads=threads, progress=progress)
+            return _merge_files(str(deq.output), adapters, out, **kw)
+        targets = _targeted_4bit_weights(Path(base), adapters)
+        deq = dequantize(base, tmp / "base", threads=threads, progress=progress, only=targets)
+        merged_kw = {**kw, "overwrite": False, "f32_outputs": targets}
+        report = _merge_files(str(deq.output), adapters, tmp / "merged", **merged_kw)
+        qc = json.loads((Path(base) / "config.json").read_text())["quantization_config"]
+        state_key = next(n for n in _tensor_names(Path(base)) if ".quant_state.bitsandbytes__" in n)
+        from safetensors import safe_open
+
+        shard = next(f for f in sorted(Path(base).glob("*.safetensors")) if state_key in safe_open(str(f), "np").keys())
+        with safe_open(str(shard), "np") as st:
+            blocksize = json.loads(bytes(st.get_tensor(state_key)).decode())["blocksize"]
+        names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+        model_type = json.loads((Path(base) / "config.json").read_text()).get("model_type")
+        conv1d = model_type in ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+        requantized = quantize(
+            tmp / "merged",
+            out,
+            quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
+            blocksize=blocksize,
+            double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
+            compute_dtype=names.get(qc.get("bnb_4bit_compute_dtype") or "", "fp32"),
+            skip_modules=[m for m in qc.get("llm_int8_skip_modules") or [] if m != "lm_head"],
+            targets=[(t, conv1d and t.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc", "q_attn")) for t in targets],
+            threads=threads,
+            progress=progress,
+            overwrite=kw.get("overwrite", False),
+        )
+        return MergeReport(**{**report.__dict__, "output": requantized.output})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return report

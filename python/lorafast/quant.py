@@ -236,6 +236,7 @@ def quantize(
     threads: Optional[int] = None,
     progress: bool = True,
     overwrite: bool = False,
+    targets: Optional[Sequence[tuple[str, bool]]] = None,
 ) -> QuantizeReport:
     """Write a pre-quantized 4-bit checkpoint, byte-identical to what
     ``AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
@@ -271,7 +272,8 @@ def quantize(
     use_transformers = plan == "transformers" or (
         plan == "auto" and config.get("model_type") not in NAME_PLAN_MODEL_TYPES
     )
-    targets = plan_targets(base, skips + ["lm_head"] if skips else None) if use_transformers else None
+    if targets is None and use_transformers:
+        targets = plan_targets(base, skips + ["lm_head"] if skips else None)
     compute = compute_dtype or _DTYPE_NAMES.get(config.get("dtype") or config.get("torch_dtype") or "", "fp32")
     bar = _ProgressBar("quantize") if progress else None
     try:
@@ -282,7 +284,7 @@ def quantize(
             blocksize=blocksize,
             double_quant=double_quant,
             compute_dtype=compute,
-            targets=targets,
+            targets=None if targets is None else list(targets),
             # With skips, transformers adds no default ones; keep the output head unquantized explicitly.
             skip_modules=(["lm_head"] + [s for s in skips if s != "lm_head"]) if skips else [],
             torch_threads=torch_threads or default_torch_threads(),
@@ -305,6 +307,7 @@ def dequantize(
     threads: Optional[int] = None,
     progress: bool = True,
     overwrite: bool = False,
+    only: Optional[Sequence[str]] = None,
 ) -> QuantizeReport:
     """Turn a pre-quantized 4-bit checkpoint back into a normal one: each weight equals
     ``bitsandbytes.functional.dequantize_4bit`` of it (in the quant state's dtype, or ``dtype``)."""
@@ -313,7 +316,13 @@ def dequantize(
     bar = _ProgressBar("dequantize") if progress else None
     try:
         raw = _core.dequantize_checkpoint(
-            os.fspath(qdir), os.fspath(out), dtype=dtype, threads=threads, overwrite=overwrite, progress=bar
+            os.fspath(qdir),
+            os.fspath(out),
+            dtype=dtype,
+            threads=threads,
+            overwrite=overwrite,
+            progress=bar,
+            only=None if only is None else list(only),
         )
     finally:
         if bar is not None:

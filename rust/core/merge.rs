@@ -36,6 +36,8 @@ pub struct MergeOptions {
     pub safe_merge: bool,
     /// Replace OUT if it exists.
     pub overwrite: bool,
+    /// Base tensors whose merged result is written in f32, unrounded (for re-quantizing a 4-bit base).
+    pub f32_outputs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -443,7 +445,13 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
                 out_shard: si,
                 out_name: rename(name),
                 source,
-                work: src_type.map(|t| opts.dtype.unwrap_or(t)),
+                work: src_type.map(|t| {
+                    if opts.f32_outputs.iter().any(|n| n == name) {
+                        FloatType::F32
+                    } else {
+                        opts.dtype.unwrap_or(t)
+                    }
+                }),
                 shape,
                 steps,
                 replaced: replaced.is_some(),

@@ -25,7 +25,7 @@ fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<FloatType>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (base, adapters, out, *, weights=None, dtype=None, threads=None, safe_merge=false, overwrite=false, progress=None))]
+#[pyo3(signature = (base, adapters, out, *, weights=None, dtype=None, threads=None, safe_merge=false, overwrite=false, progress=None, f32_outputs=vec![]))]
 #[allow(clippy::too_many_arguments)]
 fn merge<'py>(
     py: Python<'py>,
@@ -38,6 +38,7 @@ fn merge<'py>(
     safe_merge: bool,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
+    f32_outputs: Vec<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = MergeOptions {
         weights,
@@ -45,6 +46,7 @@ fn merge<'py>(
         threads,
         safe_merge,
         overwrite,
+        f32_outputs,
     };
     let report = run_detached(py, PyProgress::new(progress), |p| {
         merge_checkpoint(&base, &adapters, &out, &opts, p)

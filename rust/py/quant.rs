@@ -169,7 +169,8 @@ pub fn quantize_checkpoint<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (qdir, out, *, dtype=None, threads=None, overwrite=false, progress=None))]
+#[pyo3(signature = (qdir, out, *, dtype=None, threads=None, overwrite=false, progress=None, only=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn dequantize_checkpoint<'py>(
     py: Python<'py>,
     qdir: std::path::PathBuf,
@@ -178,12 +179,14 @@ pub fn dequantize_checkpoint<'py>(
     threads: Option<usize>,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
+    only: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     use crate::core::quant::checkpoint::{dequantize_checkpoint as run, DequantizeOptions};
     let opts = DequantizeOptions {
         dtype: dtype.map(float_type).transpose()?,
         threads,
         overwrite,
+        only,
     };
     let r = super::run::run_detached(py, super::run::PyProgress::new(progress), |p| {
         run(&qdir, &out, &opts, p)

@@ -220,11 +220,13 @@ pub fn quantize_checkpoint(
     check_blocksize(q.blocksize)?;
     let staging = Staging::new(out, &[base], opts.overwrite)?;
     let ck = Checkpoint::open(base)?;
-    if ck
-        .shards
-        .iter()
-        .flat_map(|s| s.tensors())
-        .any(|t| t.name.contains(".quant_state."))
+    // With explicit targets a partly 4-bit checkpoint is fine: its 4-bit tensors are copied as they are.
+    if opts.targets.is_none()
+        && ck
+            .shards
+            .iter()
+            .flat_map(|s| s.tensors())
+            .any(|t| t.name.contains(".quant_state."))
     {
         return Err(Error::InvalidArgument(format!(
             "{}: already quantized (use `lorafast dequantize` first)",
@@ -622,6 +624,9 @@ pub struct DequantizeOptions {
     pub dtype: Option<FloatType>,
     pub threads: Option<usize>,
     pub overwrite: bool,
+    /// Dequantize only these weights, keeping every other 4-bit weight (and the config's
+    /// quantization_config) as it is. None: all of them.
+    pub only: Option<Vec<String>>,
 }
 
 pub fn dequantize_checkpoint(
@@ -633,13 +638,24 @@ pub fn dequantize_checkpoint(
     let started = Instant::now();
     let staging = Staging::new(out, &[qdir], opts.overwrite)?;
     let ck = Checkpoint::open(qdir)?;
-    let states = quantized_weights(&ck)?;
+    let mut states = quantized_weights(&ck)?;
     if states.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "{}: no 4-bit (bitsandbytes) weights in this checkpoint",
             qdir.display()
         )));
     }
+    if let Some(only) = &opts.only {
+        if let Some(missing) = only.iter().find(|w| !states.contains_key(*w)) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {missing} is not a 4-bit weight",
+                qdir.display()
+            )));
+        }
+        states.retain(|w, _| only.contains(w));
+    }
+    // The auxiliary tensors of the weights being dequantized are dropped; others stay.
+    let dropped = |name: &str| is_aux(name) && states.keys().any(|w| name.starts_with(&format!("{w}.")));
     let pool = pool::build(opts.threads)?;
     let model_type = ck.model_type().map(str::to_string);
     let conv1d = |w: &str| is_conv1d(model_type.as_deref(), w.strip_suffix(".weight").unwrap_or(w));
@@ -660,7 +676,7 @@ pub fn dequantize_checkpoint(
                     dtype: opts.dtype.unwrap_or(st.dtype).to_safetensors(),
                     shape,
                 });
-            } else if !is_aux(&e.name) {
+            } else if !dropped(&e.name) {
                 let dtype = match (e.float_type(), opts.dtype) {
                     (Some(_), Some(d)) => d.to_safetensors(),
                     _ => e.dtype,
@@ -687,12 +703,7 @@ pub fn dequantize_checkpoint(
         .shards
         .iter()
         .enumerate()
-        .flat_map(|(si, s)| {
-            s.tensors()
-                .iter()
-                .filter(|e| !is_aux(&e.name) || states.contains_key(&e.name))
-                .map(move |e| (si, e))
-        })
+        .flat_map(|(si, s)| s.tensors().iter().filter(|e| !dropped(&e.name)).map(move |e| (si, e)))
         .collect();
     pool.install(|| {
         jobs.par_iter().try_for_each(|(si, e)| {
@@ -727,7 +738,7 @@ pub fn dequantize_checkpoint(
                     }
                 }
                 None => match (e.float_type(), opts.dtype) {
-                    (Some(src), Some(dst)) if src != dst => {
+                    (Some(src), Some(dst)) if src != dst && !is_aux(&e.name) => {
                         let mut bytes = vec![0u8; e.len as usize];
                         ck.shards[*si].read_bytes(e, 0, &mut bytes)?;
                         out.write_at(&e.name, 0, &convert(&bytes, src, dst))?;
@@ -752,7 +763,7 @@ pub fn dequantize_checkpoint(
     }
     copy_side_files(&ck.dir, &staging.tmp)?;
     if let Some(mut config) = ck.config.clone() {
-        if let Some(obj) = config.as_object_mut() {
+        if let (Some(obj), None) = (config.as_object_mut(), &opts.only) {
             obj.remove("quantization_config");
         }
         if let Some(d) = opts.dtype {
