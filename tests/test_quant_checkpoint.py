@@ -268,3 +268,30 @@ def test_merge_into_4bit_base_and_requantize(tmp_path):
     assert torch.isfinite(logits(out, ids)).all()
     with pytest.raises(errors.InvalidArgumentError, match="4-bit"):
         lorafast.merge(base, adapter, tmp_path / "x", requantize=True, progress=False)
+
+
+def test_corrupt_4bit_checkpoints_get_one_line_errors(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base = save_model(
+        transformers.LlamaForCausalLM, tiny_llama_config(intermediate_size=192), tmp_path / "base", torch.bfloat16
+    )
+    q = lorafast.quantize(base, tmp_path / "q", progress=False).output
+    st = load_file(str(q / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    broken = dict(st, **{key: torch.frombuffer(bytearray(b"{not json"), dtype=torch.uint8)})
+    (tmp_path / "bad1").mkdir()
+    save_file(broken, str(tmp_path / "bad1" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "bad1" / "config.json").write_text((q / "config.json").read_text())
+    assert main(["dequantize", str(tmp_path / "bad1"), "-o", str(tmp_path / "o1")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and "not JSON" in err[0], err
+    # Packed codes that do not fit the shape the state records.
+    w = "model.layers.0.self_attn.q_proj.weight"
+    broken = dict(st, **{w: st[w][:-8].clone()})
+    (tmp_path / "bad2").mkdir()
+    save_file(broken, str(tmp_path / "bad2" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "bad2" / "config.json").write_text((q / "config.json").read_text())
+    with pytest.raises(errors.CheckpointError, match=f"{w}.*do not fit shape"):
+        lorafast.dequantize(tmp_path / "bad2", tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
