@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::core::error::{Error, Result};
-use crate::core::io::{SafetensorsFile, TensorEntry};
+use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
@@ -188,6 +188,224 @@ pub fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
         read_json(path).map(Some)
     } else {
         Ok(None)
+    }
+}
+
+/// Writes a checkpoint folder: shards laid out before any data, filled at their offsets from any
+/// thread, then index, side files and config, all in a staging folder renamed into place at the end.
+pub struct CheckpointWriter {
+    staging: Staging,
+    shards: Vec<OutputFile>,
+    weight_map: BTreeMap<String, String>,
+    total: u64,
+}
+
+impl CheckpointWriter {
+    /// Claims OUT (refusing an existing one without `overwrite`, or one overlapping `inputs`) before
+    /// any work is done.
+    pub fn new(out: &Path, inputs: &[&Path], overwrite: bool) -> Result<Self> {
+        Ok(CheckpointWriter {
+            staging: Staging::new(out, inputs, overwrite)?,
+            shards: vec![],
+            weight_map: BTreeMap::new(),
+            total: 0,
+        })
+    }
+
+    /// Lay out the next shard file; returns its number.
+    pub fn add_shard(&mut self, file_name: &str, tensors: &[PlannedTensor]) -> Result<usize> {
+        for t in tensors {
+            self.weight_map.insert(t.name.clone(), file_name.to_string());
+            self.total += t.byte_len() as u64;
+        }
+        let fmt = HashMap::from([("format".to_string(), "pt".to_string())]);
+        self.shards
+            .push(OutputFile::create(&self.staging.tmp.join(file_name), tensors, &fmt)?);
+        Ok(self.shards.len() - 1)
+    }
+
+    pub fn shard(&self, i: usize) -> &OutputFile {
+        &self.shards[i]
+    }
+
+    /// Bytes of tensor data planned so far.
+    pub fn total_bytes(&self) -> u64 {
+        self.total
+    }
+
+    /// The staging folder, for extra files.
+    pub fn dir(&self) -> &Path {
+        &self.staging.tmp
+    }
+
+    /// Close the shards, write the index (when `sharded`), copy the side files of `side_files_from`,
+    /// run `extra` on the folder, write `config`, then move the folder into place. Returns OUT and the
+    /// bytes of its shards.
+    pub fn finish(
+        self,
+        sharded: bool,
+        side_files_from: &Path,
+        extra: impl FnOnce(&Path) -> Result<()>,
+        config: Option<&serde_json::Value>,
+    ) -> Result<(PathBuf, u64)> {
+        let mut bytes = 0;
+        for o in self.shards {
+            bytes += std::fs::metadata(&o.path).map_err(|e| Error::io(&o.path, e))?.len();
+            o.finish()?;
+        }
+        let dir = self.staging.tmp.clone();
+        if sharded {
+            let index = serde_json::to_vec_pretty(&index_json(self.total, &self.weight_map)).expect("json");
+            write_file(&dir.join(INDEX_NAME), &index)?;
+        }
+        copy_side_files(side_files_from, &dir)?;
+        extra(&dir)?;
+        if let Some(config) = config {
+            write_file(
+                &dir.join("config.json"),
+                serde_json::to_string_pretty(config).expect("json").as_bytes(),
+            )?;
+        }
+        Ok((self.staging.commit()?, bytes))
+    }
+}
+
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// Weight formats that the merged safetensors replace: never copied into the output.
+fn is_weight_file(name: &str) -> bool {
+    [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".msgpack",
+        ".h5",
+        ".gguf",
+    ]
+    .iter()
+    .any(|e| name.ends_with(e))
+        || name == INDEX_NAME
+        || name.ends_with(".index.json")
+}
+
+/// Copy config, tokenizer and other small files (and sub-folders, e.g. sentence-transformers modules).
+pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let (src, dst) = (entry.path(), to.join(&name));
+        if name.starts_with('.') || is_weight_file(&name) {
+            continue;
+        }
+        let kind = entry.file_type().map_err(|e| Error::io(&src, e))?;
+        if kind.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
+            copy_side_files(&src, &dst)?;
+        } else if src.is_file() {
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A temporary folder beside OUT, renamed into place on success and removed on failure.
+pub struct Staging {
+    pub tmp: PathBuf,
+    out: PathBuf,
+    overwrite: bool,
+    committed: bool,
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.exists() {
+        return p.canonicalize().map_err(|e| Error::io(p, e));
+    }
+    let parent = p
+        .parent()
+        .filter(|x| !x.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let parent = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
+    Ok(parent.join(
+        p.file_name()
+            .ok_or_else(|| Error::InvalidArgument(format!("{}: not a usable output path", p.display())))?,
+    ))
+}
+
+impl Staging {
+    pub fn new(out: &Path, inputs: &[&Path], overwrite: bool) -> Result<Self> {
+        let out_abs = absolute(out)?;
+        for input in inputs {
+            let input = absolute(input)?;
+            if out_abs == input || out_abs.starts_with(&input) || input.starts_with(&out_abs) {
+                return Err(Error::Output {
+                    path: out.to_path_buf(),
+                    reason: format!(
+                        "overlaps the input {}; lorafast never writes into its inputs",
+                        input.display()
+                    ),
+                });
+            }
+        }
+        if out_abs.exists() && !overwrite {
+            return Err(Error::Output {
+                path: out.to_path_buf(),
+                reason: "already exists; pass --overwrite (overwrite=True) to replace it".into(),
+            });
+        }
+        let name = out_abs
+            .file_name()
+            .expect("absolute() gives a name")
+            .to_string_lossy()
+            .into_owned();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tmp = out_abs.with_file_name(format!(".{name}.lorafast-tmp-{}-{stamp}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(Staging {
+            tmp,
+            out: out_abs,
+            overwrite,
+            committed: false,
+        })
+    }
+
+    /// Move the finished folder into place, replacing an old OUT only now that the new one is complete.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let old = self.tmp.with_extension("old");
+        let had_old = self.out.exists();
+        if had_old {
+            if !self.overwrite {
+                return Err(Error::Output {
+                    path: self.out.clone(),
+                    reason: "appeared while writing; not replaced".into(),
+                });
+            }
+            std::fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
+        }
+        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
+        self.committed = true;
+        if had_old {
+            let r = if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
+            r.map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(self.out.clone())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
     }
 }
 

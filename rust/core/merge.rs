@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::Value;
 
-use crate::core::checkpoint::{index_json, Checkpoint, INDEX_NAME};
+use crate::core::checkpoint::{Checkpoint, CheckpointWriter};
 use crate::core::dtype::{simd, FloatType};
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
@@ -647,14 +647,13 @@ pub fn merge(
     let inputs: Vec<&Path> = std::iter::once(base)
         .chain(adapters.iter().map(PathBuf::as_path))
         .collect();
-    let staging = Staging::new(out, &inputs, opts.overwrite)?;
+    let mut writer = CheckpointWriter::new(out, &inputs, opts.overwrite)?;
     let base_ck = Checkpoint::open(base)?;
     let adapters: Vec<Adapter> = adapters.iter().map(|p| Adapter::open(p)).collect::<Result<_>>()?;
     let plan = plan(&base_ck, &adapters, opts)?;
     let pool = pool::build(opts.threads)?;
 
     // Lay out every output shard before computing anything.
-    let fmt = HashMap::from([("format".to_string(), "pt".to_string())]);
     let source_entry = |job: &Job| -> (&SafetensorsFile, &TensorEntry) {
         match &job.source {
             Source::Base { shard, name } => (
@@ -667,9 +666,6 @@ pub fn merge(
             ),
         }
     };
-    let mut outputs = Vec::new();
-    let mut weight_map = BTreeMap::new();
-    let mut total = 0u64;
     for (si, shard_name) in plan.shard_names.iter().enumerate() {
         let planned: Vec<PlannedTensor> = plan
             .jobs
@@ -681,13 +677,9 @@ pub fn merge(
                 shape: j.shape.clone(),
             })
             .collect();
-        for t in &planned {
-            weight_map.insert(t.name.clone(), shard_name.clone());
-            total += t.byte_len() as u64;
-        }
-        outputs.push(OutputFile::create(&staging.tmp.join(shard_name), &planned, &fmt)?);
+        writer.add_shard(shard_name, &planned)?;
     }
-    progress.start(total);
+    progress.start(writer.total_bytes());
 
     let nonfinite = AtomicU64::new(0);
     let ctx = Ctx {
@@ -702,8 +694,7 @@ pub fn merge(
                 return Err(Error::Interrupted);
             }
             let (file, entry) = source_entry(job);
-            let out = &outputs[job.out_shard];
-            run_job(&ctx, job, file, entry, out)?;
+            run_job(&ctx, job, file, entry, writer.shard(job.out_shard))?;
             progress.advance(
                 &job.out_name,
                 PlannedTensor {
@@ -716,26 +707,8 @@ pub fn merge(
             Ok(())
         })
     })?;
-    let mut bytes_written = 0;
-    for o in outputs {
-        bytes_written += std::fs::metadata(&o.path).map_err(|e| Error::io(&o.path, e))?.len();
-        o.finish()?;
-    }
-    if base_ck.sharded {
-        let index = serde_json::to_vec_pretty(&index_json(total, &weight_map)).expect("json");
-        write_file(&staging.tmp.join(INDEX_NAME), &index)?;
-    }
-    copy_side_files(&base_ck.dir, &staging.tmp)?;
-    for a in &adapters {
-        copy_tokenizer_files(&a.dir, &staging.tmp)?;
-    }
-    if let Some(config) = &plan.config {
-        write_file(
-            &staging.tmp.join("config.json"),
-            serde_json::to_string_pretty(config).expect("json").as_bytes(),
-        )?;
-    }
-    let output = staging.commit()?;
+    let tokenizers = |dir: &Path| adapters.iter().try_for_each(|a| copy_tokenizer_files(&a.dir, dir));
+    let (output, bytes_written) = writer.finish(base_ck.sharded, &base_ck.dir, tokenizers, plan.config.as_ref())?;
     let count = |f: fn(&Job) -> bool| plan.jobs.iter().filter(|j| f(j)).count();
     Ok(MergeReport {
         output,
@@ -1034,48 +1007,6 @@ fn lora_delta(f: &Factors, layout: Layout, r0: usize, n: usize, cols: usize, dst
     }
 }
 
-pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
-}
-
-/// Weight formats that the merged safetensors replace: never copied into the output.
-fn is_weight_file(name: &str) -> bool {
-    [
-        ".safetensors",
-        ".bin",
-        ".pt",
-        ".pth",
-        ".ckpt",
-        ".msgpack",
-        ".h5",
-        ".gguf",
-    ]
-    .iter()
-    .any(|e| name.ends_with(e))
-        || name == INDEX_NAME
-        || name.ends_with(".index.json")
-}
-
-/// Copy config, tokenizer and other small files (and sub-folders, e.g. sentence-transformers modules).
-pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
-        let entry = entry.map_err(|e| Error::io(from, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let (src, dst) = (entry.path(), to.join(&name));
-        if name.starts_with('.') || is_weight_file(&name) {
-            continue;
-        }
-        let kind = entry.file_type().map_err(|e| Error::io(&src, e))?;
-        if kind.is_dir() {
-            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
-            copy_side_files(&src, &dst)?;
-        } else if src.is_file() {
-            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
-        }
-    }
-    Ok(())
-}
-
 /// An adapter trained with added tokens ships its tokenizer: it wins over the base's.
 fn copy_tokenizer_files(adapter: &Path, to: &Path) -> Result<()> {
     const NAMES: [&str; 9] = [
@@ -1096,101 +1027,4 @@ fn copy_tokenizer_files(adapter: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A temporary folder beside OUT, renamed into place on success and removed on failure.
-pub struct Staging {
-    pub tmp: PathBuf,
-    out: PathBuf,
-    overwrite: bool,
-    committed: bool,
-}
-
-fn absolute(p: &Path) -> Result<PathBuf> {
-    if p.exists() {
-        return p.canonicalize().map_err(|e| Error::io(p, e));
-    }
-    let parent = p
-        .parent()
-        .filter(|x| !x.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let parent = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
-    Ok(parent.join(
-        p.file_name()
-            .ok_or_else(|| Error::InvalidArgument(format!("{}: not a usable output path", p.display())))?,
-    ))
-}
-
-impl Staging {
-    pub fn new(out: &Path, inputs: &[&Path], overwrite: bool) -> Result<Self> {
-        let out_abs = absolute(out)?;
-        for input in inputs {
-            let input = absolute(input)?;
-            if out_abs == input || out_abs.starts_with(&input) || input.starts_with(&out_abs) {
-                return Err(Error::Output {
-                    path: out.to_path_buf(),
-                    reason: format!(
-                        "overlaps the input {}; lorafast never writes into its inputs",
-                        input.display()
-                    ),
-                });
-            }
-        }
-        if out_abs.exists() && !overwrite {
-            return Err(Error::Output {
-                path: out.to_path_buf(),
-                reason: "already exists; pass --overwrite (overwrite=True) to replace it".into(),
-            });
-        }
-        let name = out_abs
-            .file_name()
-            .expect("absolute() gives a name")
-            .to_string_lossy()
-            .into_owned();
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tmp = out_abs.with_file_name(format!(".{name}.lorafast-tmp-{}-{stamp}", std::process::id()));
-        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(Staging {
-            tmp,
-            out: out_abs,
-            overwrite,
-            committed: false,
-        })
-    }
-
-    /// Move the finished folder into place, replacing an old OUT only now that the new one is complete.
-    pub fn commit(mut self) -> Result<PathBuf> {
-        let old = self.tmp.with_extension("old");
-        let had_old = self.out.exists();
-        if had_old {
-            if !self.overwrite {
-                return Err(Error::Output {
-                    path: self.out.clone(),
-                    reason: "appeared while writing; not replaced".into(),
-                });
-            }
-            std::fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
-        }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
-        self.committed = true;
-        if had_old {
-            let r = if old.is_dir() {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
-            };
-            r.map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(self.out.clone())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
 }

@@ -18,11 +18,11 @@ use super::{
     block_absmax, check_blocksize, dequantize_4bit, quantize_codes, state, Absmax, Input, QuantType, QuantizeOptions,
     Quantized,
 };
-use crate::core::checkpoint::{index_json, Checkpoint, INDEX_NAME};
+use crate::core::checkpoint::{Checkpoint, CheckpointWriter};
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
-use crate::core::merge::{copy_side_files, is_conv1d, write_file, Staging};
+use crate::core::merge::is_conv1d;
 use crate::core::pool;
 use crate::core::progress::Progress;
 
@@ -218,7 +218,7 @@ pub fn quantize_checkpoint(
     let started = Instant::now();
     let q = opts.quant;
     check_blocksize(q.blocksize)?;
-    let staging = Staging::new(out, &[base], opts.overwrite)?;
+    let mut writer = CheckpointWriter::new(out, &[base], opts.overwrite)?;
     let ck = Checkpoint::open(base)?;
     // With explicit targets a partly 4-bit checkpoint is fine: its 4-bit tensors are copied as they are.
     if opts.targets.is_none()
@@ -300,10 +300,6 @@ pub fn quantize_checkpoint(
     let planned: HashMap<String, Target> = planned.into_iter().collect();
 
     // Plan every shard's layout.
-    let fmt = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let mut outputs = Vec::new();
-    let mut weight_map = BTreeMap::new();
-    let mut total = 0u64;
     for (si, shard) in ck.shards.iter().enumerate() {
         let mut tensors = Vec::new();
         for e in shard.tensors() {
@@ -333,17 +329,9 @@ pub fn quantize_checkpoint(
                 }
             }
         }
-        for t in &tensors {
-            weight_map.insert(t.name.clone(), ck.shard_names[si].clone());
-            total += t.byte_len() as u64;
-        }
-        outputs.push(OutputFile::create(
-            &staging.tmp.join(&ck.shard_names[si]),
-            &tensors,
-            &fmt,
-        )?);
+        writer.add_shard(&ck.shard_names[si], &tensors)?;
     }
-    progress.start(total);
+    progress.start(writer.total_bytes());
 
     // Pass 2: write everything.
     let jobs: Vec<(usize, &TensorEntry)> = ck
@@ -357,7 +345,7 @@ pub fn quantize_checkpoint(
             if progress.cancelled() {
                 return Err(Error::Interrupted);
             }
-            let (file, out) = (&ck.shards[*si], &outputs[*si]);
+            let (file, out) = (&ck.shards[*si], writer.shard(*si));
             match planned.get(&e.name) {
                 None => out.copy_from(&e.name, file, e)?,
                 Some(t) => write_quantized(file, e, t, &q, out)?,
@@ -366,26 +354,11 @@ pub fn quantize_checkpoint(
             Ok(())
         })
     })?;
-    let mut bytes_written = 0;
-    for o in outputs {
-        bytes_written += std::fs::metadata(&o.path).map_err(|e| Error::io(&o.path, e))?.len();
-        o.finish()?;
-    }
-    if ck.sharded {
-        write_file(
-            &staging.tmp.join(INDEX_NAME),
-            &serde_json::to_vec_pretty(&index_json(total, &weight_map)).expect("json"),
-        )?;
-    }
-    copy_side_files(&ck.dir, &staging.tmp)?;
-    if let Some(mut config) = ck.config.clone() {
-        config["quantization_config"] = bnb_config(&q, opts.compute_dtype, &opts.skip_modules);
-        write_file(
-            &staging.tmp.join("config.json"),
-            serde_json::to_string_pretty(&config).expect("json").as_bytes(),
-        )?;
-    }
-    let output = staging.commit()?;
+    let config = ck.config.clone().map(|mut c| {
+        c["quantization_config"] = bnb_config(&q, opts.compute_dtype, &opts.skip_modules);
+        c
+    });
+    let (output, bytes_written) = writer.finish(ck.sharded, &ck.dir, |_| Ok(()), config.as_ref())?;
     Ok(QuantizeReport {
         output,
         tensors_quantized: planned.len(),
@@ -636,7 +609,7 @@ pub fn dequantize_checkpoint(
     progress: &dyn Progress,
 ) -> Result<QuantizeReport> {
     let started = Instant::now();
-    let staging = Staging::new(out, &[qdir], opts.overwrite)?;
+    let mut writer = CheckpointWriter::new(out, &[qdir], opts.overwrite)?;
     let ck = Checkpoint::open(qdir)?;
     let mut states = quantized_weights(&ck)?;
     if states.is_empty() {
@@ -659,10 +632,6 @@ pub fn dequantize_checkpoint(
     let pool = pool::build(opts.threads)?;
     let model_type = ck.model_type().map(str::to_string);
     let conv1d = |w: &str| is_conv1d(model_type.as_deref(), w.strip_suffix(".weight").unwrap_or(w));
-    let fmt = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let mut outputs = Vec::new();
-    let mut weight_map = BTreeMap::new();
-    let mut total = 0u64;
     for (si, shard) in ck.shards.iter().enumerate() {
         let mut tensors = Vec::new();
         for e in shard.tensors() {
@@ -688,17 +657,9 @@ pub fn dequantize_checkpoint(
                 });
             }
         }
-        for t in &tensors {
-            weight_map.insert(t.name.clone(), ck.shard_names[si].clone());
-            total += t.byte_len() as u64;
-        }
-        outputs.push(OutputFile::create(
-            &staging.tmp.join(&ck.shard_names[si]),
-            &tensors,
-            &fmt,
-        )?);
+        writer.add_shard(&ck.shard_names[si], &tensors)?;
     }
-    progress.start(total);
+    progress.start(writer.total_bytes());
     let jobs: Vec<(usize, &TensorEntry)> = ck
         .shards
         .iter()
@@ -710,7 +671,7 @@ pub fn dequantize_checkpoint(
             if progress.cancelled() {
                 return Err(Error::Interrupted);
             }
-            let out = &outputs[*si];
+            let out = writer.shard(*si);
             match states.get(&e.name) {
                 Some(st) => {
                     let target = opts.dtype.unwrap_or(st.dtype);
@@ -750,31 +711,16 @@ pub fn dequantize_checkpoint(
             Ok(())
         })
     })?;
-    let mut bytes_written = 0;
-    for o in outputs {
-        bytes_written += std::fs::metadata(&o.path).map_err(|e| Error::io(&o.path, e))?.len();
-        o.finish()?;
-    }
-    if ck.sharded {
-        write_file(
-            &staging.tmp.join(INDEX_NAME),
-            &serde_json::to_vec_pretty(&index_json(total, &weight_map)).expect("json"),
-        )?;
-    }
-    copy_side_files(&ck.dir, &staging.tmp)?;
-    if let Some(mut config) = ck.config.clone() {
-        if let (Some(obj), None) = (config.as_object_mut(), &opts.only) {
+    let config = ck.config.clone().map(|mut c| {
+        if let (Some(obj), None) = (c.as_object_mut(), &opts.only) {
             obj.remove("quantization_config");
         }
         if let Some(d) = opts.dtype {
-            config["dtype"] = Value::String(d.torch_name().into());
+            c["dtype"] = Value::String(d.torch_name().into());
         }
-        write_file(
-            &staging.tmp.join("config.json"),
-            serde_json::to_string_pretty(&config).expect("json").as_bytes(),
-        )?;
-    }
-    let output = staging.commit()?;
+        c
+    });
+    let (output, bytes_written) = writer.finish(ck.sharded, &ck.dir, |_| Ok(()), config.as_ref())?;
     Ok(QuantizeReport {
         output,
         tensors_quantized: states.len(),
