@@ -96,6 +96,53 @@ def _cmd_dequantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lorafast.train import TrainConfig, train
+
+    rank_pattern = {}
+    for item in args.rank_pattern or []:
+        name, _, r = item.partition("=")
+        if not r.isdigit():
+            raise ValueError(f"--rank-pattern takes NAME=RANK, got {item!r}")
+        rank_pattern[name] = int(r)
+    cfg = TrainConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        task=args.task,
+        eval_data=args.eval_data,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        max_length=args.max_length,
+        r=args.r,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=args.targets,
+        rslora=args.rslora,
+        init=args.init,
+        rank_pattern=rank_pattern,
+        qlora=args.qlora,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        grad_checkpointing=args.grad_checkpointing,
+        precision=args.precision,
+        seed=args.seed,
+        merge=args.merge,
+        progress=not args.quiet,
+    )
+    r = train(cfg)
+    s = r.summary
+    print(
+        f"trained {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters in {s['train_seconds']:.1f} s "
+        f"on {s['device']}; adapter {r.adapter} ({s['adapter_bytes'] / 1e6:.2f} MB); eval {s['eval']}"
+    )
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -206,6 +253,36 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     dq.add_argument("-q", "--quiet", action="store_true")
     dq.set_defaults(func=_cmd_dequantize)
+
+    t = sub.add_parser("train", help="fine-tune a LoRA / QLoRA adapter (CUDA when available, else CPU)")
+    t.add_argument("--model", required=True, help="local model folder or hub name")
+    t.add_argument("--task", choices=["seq-cls", "causal-lm"], default="seq-cls")
+    t.add_argument("--data", required=True, help=".jsonl, .json, .csv, .parquet or a datasets name")
+    t.add_argument("--eval-data")
+    t.add_argument("--out", required=True)
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--label-field", default="label")
+    t.add_argument("--max-length", type=int, default=256)
+    t.add_argument("--r", type=int, default=8)
+    t.add_argument("--alpha", type=float)
+    t.add_argument("--dropout", type=float, default=0.05)
+    t.add_argument("--targets", default="attn", help="attn, attn-mlp, all-linear or comma-separated module names")
+    t.add_argument("--rslora", action="store_true")
+    t.add_argument("--init", choices=["default", "gaussian", "olora", "pissa"], default="default")
+    t.add_argument("--rank-pattern", nargs="+", metavar="NAME=RANK")
+    t.add_argument("--qlora", action="store_true", help="4-bit NF4 base (quantized once by lorafast, cached)")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--merge", action="store_true", help="also merge the adapter into OUT/merged (Rust merge)")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("inspect", help="describe a checkpoint or an adapter")
     i.add_argument("path")

@@ -1,0 +1,352 @@
+"""The training loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lorafast.errors import InvalidArgumentError
+from lorafast.train import data as D
+from lorafast.train.targets import resolve_targets
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lorafast train` takes. Learning-rate default 2e-4 is the usual LoRA choice."""
+
+    model: str
+    data: str
+    out: str
+    task: str = "seq-cls"  # or "causal-lm"
+    eval_data: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    max_length: int = 256
+    r: int = 8
+    alpha: Optional[float] = None  # default 2 * r
+    dropout: float = 0.05
+    targets: str = "attn"
+    rslora: bool = False
+    init: str = "default"  # default | gaussian | olora | pissa
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    qlora: bool = False
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
+    seed: int = 42
+    merge: bool = False
+    device: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    adapter: Path
+    summary: dict[str, Any]
+    merged: Optional[Path] = None
+
+
+def _set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _quantized_base(model: str, cfg: TrainConfig) -> str:
+    """A full-precision base is quantized once with the Rust quantizer and cached."""
+    from lorafast.merge import is_4bit_checkpoint
+    from lorafast.quant import quantize
+
+    if is_4bit_checkpoint(model) or not Path(model).is_dir():
+        return model
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(model).glob("*")))
+    key = hashlib.sha256(f"{Path(model).resolve()}|{stamp}|nf4|dq".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LORAFAST_CACHE", Path.home() / ".cache/lorafast")) / "quantized" / key
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        quantize(model, cache, quant_type="nf4", double_quant=True, compute_dtype="bf16", progress=cfg.progress)
+    return str(cache)
+
+
+def _peak_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
+    """Fine-tune a LoRA (or QLoRA) adapter and save it as a PEFT adapter folder.
+
+    Example:
+        >>> from lorafast.train import train
+        >>> r = train(model="gpt2", data="train.jsonl", eval_data="dev.jsonl", out="runs/sst2",
+        ...           task="seq-cls", r=8, targets="attn", epochs=3)  # doctest: +SKIP
+        >>> r.summary["eval"]["accuracy"]  # doctest: +SKIP
+    """
+    cfg = config or TrainConfig(**kwargs)
+    if cfg.task not in ("seq-cls", "causal-lm"):
+        raise InvalidArgumentError(f"task {cfg.task!r}: use seq-cls or causal-lm")
+    import torch
+    import transformers
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    transformers.logging.set_verbosity_error()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise InvalidArgumentError("--qlora needs bitsandbytes (pip install bitsandbytes)") from None
+
+    # Data first: bad input fails before any model is loaded.
+    rows = D.read_records(cfg.data)
+    eval_rows = D.optional_records(cfg.eval_data)
+    fields = [cfg.text_field, cfg.label_field] if cfg.task == "seq-cls" else [cfg.instruction_field, cfg.output_field]
+    D.check_fields(rows, fields, cfg.data)
+    if eval_rows is not None:
+        D.check_fields(eval_rows, fields, cfg.eval_data)
+    labels = D.label_vocabulary(rows, cfg.label_field) if cfg.task == "seq-cls" else []
+
+    _set_seed(cfg.seed)
+    model_path = _quantized_base(cfg.model, cfg) if cfg.qlora else cfg.model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    use_cuda = device.type == "cuda"
+    precision = cfg.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if use_cuda else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    load_kw: dict[str, Any] = {"device_map": {"": str(device)}} if (cfg.qlora or use_cuda) else {}
+    if cfg.task == "seq-cls":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(labels), **load_kw
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        task_type = TaskType.SEQ_CLS
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **load_kw)
+        task_type = TaskType.CAUSAL_LM
+    if cfg.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_checkpointing)
+    elif cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model.to(device)
+
+    init: Any = {"default": True, "gaussian": "gaussian", "olora": "olora", "pissa": "pissa"}.get(cfg.init)
+    if init is None:
+        raise InvalidArgumentError(f"init {cfg.init!r}: use default, gaussian, olora or pissa")
+    lora = LoraConfig(
+        task_type=task_type,
+        r=cfg.r,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.r,
+        lora_dropout=cfg.dropout,
+        target_modules=resolve_targets(cfg.targets, model),
+        use_rslora=cfg.rslora,
+        init_lora_weights=init,
+        rank_pattern=dict(cfg.rank_pattern),
+    )
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    if cfg.task == "seq-cls":
+        enc = D.encode_classification(rows, tokenizer, cfg.text_field, cfg.label_field, labels, cfg.max_length)
+        eval_enc = (
+            D.encode_classification(eval_rows, tokenizer, cfg.text_field, cfg.label_field, labels, cfg.max_length)
+            if eval_rows
+            else None
+        )
+    else:
+        enc = D.encode_instructions(
+            rows, tokenizer, cfg.max_length, cfg.instruction_field, cfg.input_field, cfg.output_field
+        )
+        eval_enc = (
+            D.encode_instructions(
+                eval_rows, tokenizer, cfg.max_length, cfg.instruction_field, cfg.input_field, cfg.output_field
+            )
+            if eval_rows
+            else None
+        )
+        if not enc:
+            raise InvalidArgumentError(f"{cfg.data}: every prompt is longer than max_length {cfg.max_length}")
+
+    from torch.utils.data import DataLoader
+
+    def loader(items, shuffle):
+        g = torch.Generator().manual_seed(cfg.seed)
+        return DataLoader(
+            items,
+            batch_size=cfg.batch_size,
+            shuffle=shuffle,
+            generator=g,
+            collate_fn=lambda b: D.collate(b, tokenizer.pad_token_id, cfg.task),
+        )
+
+    train_loader = loader(enc, True)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.qlora and use_cuda:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = transformers.get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+
+    def log(entry: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    from tqdm.auto import tqdm
+
+    step, best, best_metrics, last_eval = 0, None, None, None
+    started = time.perf_counter()
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    epochs = math.ceil(cfg.epochs)
+    bar = tqdm(total=total_steps, desc="train", disable=not cfg.progress)
+    model.train()
+    for epoch in range(epochs):
+        running, count = 0.0, 0
+        for i, batch in enumerate(train_loader):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = model(**batch).loss / cfg.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            running += loss.item() * cfg.grad_accum
+            count += 1
+            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(train_loader):
+                if scaler:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                log(
+                    {
+                        "step": step,
+                        "epoch": epoch + (i + 1) / len(train_loader),
+                        "loss": running / count,
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                )
+                running, count = 0.0, 0
+                if step >= total_steps:
+                    break
+        if eval_enc:
+            last_eval = evaluate(model, loader(eval_enc, False), device, cfg.task, amp_dtype)
+            log({"step": step, "epoch": epoch + 1, "eval": last_eval})
+            key = "accuracy" if cfg.task == "seq-cls" else "loss"
+            better = best is None or (last_eval[key] > best if key == "accuracy" else last_eval[key] < best)
+            if better:
+                best, best_metrics = last_eval[key], last_eval
+                model.save_pretrained(out / "adapter")
+        if step >= total_steps:
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    if not eval_enc:
+        model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    adapter_file = out / "adapter" / "adapter_model.safetensors"
+    summary = {
+        "task": cfg.task,
+        "model": cfg.model,
+        "device": str(device),
+        "precision": precision,
+        "trainable_parameters": int(trainable),
+        "total_parameters": int(total),
+        "adapter_bytes": adapter_file.stat().st_size,
+        "train_seconds": train_seconds,
+        "steps": step,
+        "peak_memory_bytes": _peak_memory(device),
+        "peak_memory_kind": "cuda_max_allocated" if use_cuda else "process_rss",
+        "eval": best_metrics,
+        "last_eval": last_eval,
+        "labels": [str(x) for x in labels],
+        "config": asdict(cfg),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    merged = None
+    if cfg.merge:
+        if cfg.qlora or Path(cfg.model).is_dir():
+            from lorafast.merge import merge
+
+            merged = merge(
+                model_path if cfg.qlora else cfg.model,
+                out / "adapter",
+                out / "merged",
+                overwrite=True,
+                progress=cfg.progress,
+            ).output
+        else:
+            raise InvalidArgumentError("--merge needs a local model folder")
+    return TrainResult(out=out, adapter=out / "adapter", summary=summary, merged=merged)
+
+
+def evaluate(model, loader, device, task: str, amp_dtype) -> dict[str, float]:
+    """Accuracy and macro F1 for classification; loss and perplexity for causal LM."""
+    import torch
+
+    model.eval()
+    total_loss, n, preds, golds = 0.0, 0, [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(**batch)
+            if task == "seq-cls":
+                preds += out.logits.argmax(-1).tolist()
+                golds += batch["labels"].tolist()
+            else:
+                tokens = int((batch["labels"][:, 1:] != -100).sum())
+                total_loss += out.loss.item() * tokens
+                n += tokens
+    model.train()
+    if task == "seq-cls":
+        acc = sum(p == g for p, g in zip(preds, golds)) / max(1, len(golds))
+        f1s = []
+        for c in set(golds) | set(preds):
+            tp = sum(p == c and g == c for p, g in zip(preds, golds))
+            fp = sum(p == c and g != c for p, g in zip(preds, golds))
+            fn = sum(p != c and g == c for p, g in zip(preds, golds))
+            f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
+        return {"accuracy": acc, "f1": sum(f1s) / max(1, len(f1s))}
+    loss = total_loss / max(1, n)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}

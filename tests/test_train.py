@@ -1,0 +1,178 @@
+"""Training on the CPU with tiny generated models and the real MiniLM weights (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import minilm_path, save_model, tiny_llama_config
+
+from lorafast import errors
+from lorafast.cli import main
+from lorafast.train import train
+
+POS = [
+    "I loved this movie",
+    "a wonderful, moving film",
+    "great acting and a great story",
+    "truly delightful",
+    "one of the best films this year",
+    "brilliant and funny",
+    "an excellent, joyful experience",
+]
+NEG = [
+    "I hated this movie",
+    "a boring, tedious film",
+    "terrible acting and a dull story",
+    "truly awful",
+    "one of the worst films this year",
+    "stupid and unfunny",
+    "a dreadful, painful experience",
+]
+
+
+def sentiment(path: Path, n: int, seed: int) -> Path:
+    rnd = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rnd.randint(0, 1)
+        text = rnd.choice(POS if label else NEG) + rnd.choice([".", "!", ", really.", " overall."])
+        rows.append({"text": text, "label": label})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sent")
+    return sentiment(d / "train.jsonl", 160, 0), sentiment(d / "dev.jsonl", 60, 1)
+
+
+def test_minilm_sentiment_reaches_accuracy_and_adapter_reloads(tmp_path, minilm_data):
+    train_file, dev_file = minilm_data
+    r = train(
+        model=str(minilm_path()),
+        data=str(train_file),
+        eval_data=str(dev_file),
+        out=str(tmp_path / "run"),
+        task="seq-cls",
+        r=8,
+        targets="attn",
+        epochs=4,
+        batch_size=16,
+        lr=2e-3,
+        max_length=32,
+        progress=False,
+    )
+    s = r.summary
+    assert s["eval"]["accuracy"] >= 0.9, s["eval"]
+    losses = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x and "eval" not in x
+    ]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, "loss went down"
+    for k in ("trainable_parameters", "total_parameters", "adapter_bytes", "train_seconds", "peak_memory_bytes"):
+        assert s[k] > 0, k
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval"] == s["eval"]
+    # The saved adapter loads in PEFT and gives the accuracy measured in training.
+    from peft import PeftModel
+
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=2)
+    model = PeftModel.from_pretrained(base, str(r.adapter)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(r.adapter))
+    rows = [json.loads(x) for x in dev_file.read_text().splitlines()]
+    with torch.no_grad():
+        enc = tok([x["text"] for x in rows], padding=True, return_tensors="pt", truncation=True, max_length=32)
+        pred = model(**enc).logits.argmax(-1).tolist()
+    acc = sum(p == x["label"] for p, x in zip(pred, rows)) / len(rows)
+    assert acc == pytest.approx(s["eval"]["accuracy"])
+
+
+def test_gpt2_r8_c_attn_trainable_count_matches_peft(tmp_path):
+    """GPT-2 (base size, random weights) with r=8 on c_attn: PEFT counts 294,912 trainable parameters."""
+    base = save_model(
+        transformers.GPT2LMHeadModel,
+        transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=30522),
+        tmp_path / "gpt2",
+        torch.float32,
+    )
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) for i in range(4)))
+    r = train(
+        model=str(base),
+        data=str(data),
+        out=str(tmp_path / "run"),
+        task="causal-lm",
+        r=8,
+        targets="attn",
+        epochs=1,
+        batch_size=4,
+        max_length=128,
+        progress=False,
+    )
+    assert r.summary["trainable_parameters"] == 294_912
+
+
+def test_causal_lm_instruction_tuning_loss_goes_down(tmp_path):
+    base = save_model(
+        transformers.LlamaForCausalLM, tiny_llama_config(vocab_size=30522), tmp_path / "llama", torch.float32
+    )
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    rows = [
+        {"instruction": "name a color", "input": "", "output": "blue"},
+        {"instruction": "add the numbers", "input": "2 and 3", "output": "five"},
+    ] * 8
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in rows))
+    r = train(
+        model=str(base),
+        data=str(data),
+        eval_data=str(data),
+        out=str(tmp_path / "run"),
+        task="causal-lm",
+        r=8,
+        targets="attn-mlp",
+        epochs=6,
+        batch_size=4,
+        lr=3e-3,
+        max_length=128,
+        progress=False,
+        merge=True,
+    )
+    evals = [
+        json.loads(x)["eval"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x
+    ]
+    assert evals[-1]["loss"] < evals[0]["loss"] and evals[-1]["perplexity"] > 0
+    assert (r.merged / "config.json").exists()
+
+
+def test_bad_input_fails_before_training(tmp_path, minilm_data, capsys):
+    train_file, _ = minilm_data
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nolabel = tmp_path / "nolabel.jsonl"
+    nolabel.write_text(json.dumps({"text": "hi"}))
+    badlabel = tmp_path / "badlabel.jsonl"
+    badlabel.write_text(json.dumps({"text": "hi", "label": 7}))
+    m = str(minilm_path())
+    cases = [
+        (["--data", str(empty)], "no records"),
+        (["--data", str(nolabel)], "no field 'label'"),
+        (["--data", str(train_file), "--eval-data", str(badlabel)], "label 7 is not among"),
+        (["--data", str(train_file), "--targets", "q_proj"], "unknown target module 'q_proj'"),
+        (["--data", str(tmp_path / "missing.jsonl")], "no such file"),
+    ]
+    for extra, needle in cases:
+        assert main(["train", "--model", m, "--out", str(tmp_path / "o"), "-q", *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (extra, err)
+    with pytest.raises(errors.InvalidArgumentError, match="query"):
+        train(model=m, data=str(train_file), out=str(tmp_path / "o"), targets="nope", progress=False)
