@@ -176,3 +176,84 @@ def test_bad_input_fails_before_training(tmp_path, minilm_data, capsys):
         assert len(err) == 1 and needle in err[0], (extra, err)
     with pytest.raises(errors.InvalidArgumentError, match="query"):
         train(model=m, data=str(train_file), out=str(tmp_path / "o"), targets="nope", progress=False)
+
+
+def test_several_adapters_on_one_base_and_predict(tmp_path, minilm_data, capsys):
+    import lorafast
+
+    train_file, dev_file = minilm_data
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text(
+        "\n".join(
+            json.dumps({"text": r["text"], "label": 1 - r["label"]})
+            for r in map(json.loads, train_file.read_text().splitlines())
+        )
+    )
+    common = dict(model=str(minilm_path()), task="seq-cls", r=4, epochs=1, batch_size=16, max_length=32, progress=False)
+    a = train(data=str(train_file), out=str(tmp_path / "a"), seed=1, **common)
+    b = train(data=str(flipped), out=str(tmp_path / "b"), seed=2, **common)
+    model = lorafast.load(minilm_path(), {"a": a.adapter, "b": b.adapter})
+    ids = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))(["a wonderful film"], return_tensors="pt")
+    from peft import PeftModel
+
+    def alone(adapter):
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=2)
+        return PeftModel.from_pretrained(base, str(adapter)).eval()(**ids).logits
+
+    with torch.no_grad():
+        model.set_adapter("a")
+        la = model(**ids).logits
+        model.set_adapter("b")
+        lb = model(**ids).logits
+        with model.disable_adapter():
+            base_logits = model(**ids).logits
+        assert torch.allclose(la, alone(a.adapter), atol=1e-5) and torch.allclose(lb, alone(b.adapter), atol=1e-5)
+        assert not torch.allclose(la, lb) and not torch.allclose(la, base_logits)
+    out = tmp_path / "preds.jsonl"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(minilm_path()),
+                "--adapter",
+                f"a={a.adapter}",
+                f"b={b.adapter}",
+                "--use",
+                "b",
+                "--data",
+                str(dev_file),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    preds = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(preds) == 60 and all(0.5 <= p["probability"] <= 1 for p in preds)
+
+
+def test_verify_passes_on_a_good_merge_and_fails_on_a_corrupted_one(tmp_path, capsys):
+    from conftest import save_adapter
+    from safetensors.torch import load_file, save_file
+
+    import lorafast
+
+    base = save_model(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "base", torch.float32)
+    ad = save_adapter(
+        transformers.AutoModelForCausalLM,
+        base,
+        tmp_path / "ad",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+    )
+    merged = lorafast.merge(base, ad, tmp_path / "merged", progress=False).output
+    assert main(["verify", str(base), str(ad), str(merged)]) == 0
+    assert "ok: largest logit difference" in capsys.readouterr().out
+    st = load_file(str(merged / "model.safetensors"))
+    st["model.layers.1.self_attn.q_proj.weight"] += 0.5
+    save_file(st, str(merged / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["verify", str(base), str(ad), str(merged)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs from base + adapter" in err[0]

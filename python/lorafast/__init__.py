@@ -13,8 +13,10 @@ from lorafast.errors import LorafastError
 from lorafast.inspect import inspect_adapter, inspect_checkpoint
 from lorafast.merge import MergeReport, merge
 from lorafast.quant import QuantizeReport, dequantize, quantize
+from lorafast.train.multi import load
 
 __all__ = [
+    "load",
     "__version__",
     "merge",
     "MergeReport",

@@ -143,6 +143,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from lorafast.train.multi import verify
+
+    r = verify(args.base, args.adapter, args.merged, tolerance=args.tolerance)
+    print(
+        f"ok: largest logit difference {r['max_abs_diff']:.3g} ({r['relative_diff']:.3g} of the logits' scale, "
+        f"tolerance {r['tolerance']})"
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import transformers
+
+    from lorafast.train.data import read_records
+    from lorafast.train.multi import _adapter_task, load, predict
+
+    adapters = {}
+    for item in args.adapter:
+        name, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--adapter takes NAME=PATH, got {item!r}")
+        adapters[name] = path
+    use = args.use or next(iter(adapters))
+    if use not in adapters:
+        raise ValueError(f"--use {use!r}: not one of the adapters {sorted(adapters)}")
+    model = load(args.model, adapters, active=use)
+    tok_dir = adapters[use] if (Path(adapters[use]) / "tokenizer_config.json").exists() else args.model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    task = "seq-cls" if _adapter_task(adapters[use]) == "SEQ_CLS" else "causal-lm"
+    labels = None
+    summary = Path(adapters[use]).parent / "summary.json"
+    if summary.exists():
+        labels = json.loads(summary.read_text()).get("labels") or None
+    rows = read_records(args.data)
+    preds = predict(model, tokenizer, rows, task=task, text_field=args.text_field, labels=labels)
+    out = Path(args.out)
+    out.write_text("".join(json.dumps(p) + "\n" for p in preds))
+    print(f"{len(preds)} predictions with adapter {use!r} -> {out}")
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -283,6 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--merge", action="store_true", help="also merge the adapter into OUT/merged (Rust merge)")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    v = sub.add_parser("verify", help="check a merged model against base + adapter (logit difference)")
+    v.add_argument("base")
+    v.add_argument("adapter")
+    v.add_argument("merged")
+    v.add_argument("--tolerance", type=float, help="largest relative logit difference allowed")
+    v.set_defaults(func=_cmd_verify)
+
+    pr = sub.add_parser("predict", help="predictions with one of several adapters on a base")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--adapter", required=True, nargs="+", metavar="NAME=PATH")
+    pr.add_argument("--use", help="adapter to predict with (default: the first)")
+    pr.add_argument("--data", required=True)
+    pr.add_argument("--text-field", default="text")
+    pr.add_argument("--out", required=True, help="predictions .jsonl")
+    pr.set_defaults(func=_cmd_predict)
 
     i = sub.add_parser("inspect", help="describe a checkpoint or an adapter")
     i.add_argument("path")
