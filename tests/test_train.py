@@ -257,3 +257,44 @@ def test_verify_passes_on_a_good_merge_and_fails_on_a_corrupted_one(tmp_path, ca
     assert main(["verify", str(base), str(ad), str(merged)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "differs from base + adapter" in err[0]
+
+
+@pytest.mark.parametrize(
+    "kind,spec", [("ranks", ["--ranks", "2,8"]), ("modules", ["--module-sets", "query;query,value"])]
+)
+def test_experiments_write_their_three_files(tmp_path, minilm_data, kind, spec, capsys):
+    train_file, dev_file = minilm_data
+    out = tmp_path / "exp"
+    argv = [
+        "experiment",
+        kind,
+        *spec,
+        "--out",
+        str(out),
+        "--model",
+        str(minilm_path()),
+        "--data",
+        str(train_file),
+        "--eval-data",
+        str(dev_file),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+    ]
+    assert main(argv) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["setting"] for r in rows] == (["2", "8"] if kind == "ranks" else ["query", "query,value"])
+    assert int(rows[1]["trainable_parameters"]) > int(rows[0]["trainable_parameters"])
+    assert all(r["metric"] == "accuracy" and 0 <= float(r["value"]) <= 1 for r in rows)
+    assert (out / "results.md").read_text().startswith(f"| {kind[:-1]} | trainable params")
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A bad train option fails before any setting runs (argparse: one line, exit 2).
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", kind, *spec, "--out", str(tmp_path / "x"), "--model", "m", "--data", "d", "--no-such"])
+    assert e.value.code == 2
+    assert not (tmp_path / "x").exists()

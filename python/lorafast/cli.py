@@ -187,6 +187,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from lorafast.train.experiment import run
+
+    if args.kind == "ranks":
+        if not args.ranks:
+            raise ValueError("experiment ranks needs --ranks, e.g. --ranks 4,8,16,32")
+        settings = [s.strip() for s in args.ranks.split(",") if s.strip()]
+        if not all(s.isdigit() and int(s) > 0 for s in settings):
+            raise ValueError(f"--ranks must be positive integers, got {args.ranks!r}")
+    else:
+        if not args.module_sets:
+            raise ValueError('experiment modules needs --module-sets, e.g. "q_proj,v_proj;attn-mlp"')
+        settings = [s.strip() for s in args.module_sets.split(";") if s.strip()]
+    # The train options are checked before anything runs: a typo fails now, not after the first setting.
+    build_parser().parse_args(["train", *args.train_args, "--out", str(args.out)])
+    rows = run(args.kind, settings, args.train_args, Path(args.out))
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"{len(rows)} settings -> {args.out}/results.csv, results.md, results.png")
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -328,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
+    e = sub.add_parser("experiment", help="train one adapter per rank or module set; table and plot of the results")
+    e.add_argument("kind", choices=["ranks", "modules"])
+    e.add_argument("--ranks", help="comma-separated ranks, e.g. 4,8,16,32")
+    e.add_argument("--module-sets", help='semicolon-separated --targets values, e.g. "q_proj,v_proj;attn-mlp"')
+    e.add_argument("--out", required=True, help="folder for the runs and results.csv / .md / .png")
+    e.set_defaults(func=_cmd_experiment, train_args=[])
+
     v = sub.add_parser("verify", help="check a merged model against base + adapter (logit difference)")
     v.add_argument("base")
     v.add_argument("adapter")
@@ -359,7 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "experiment":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "experiment":
+        args.train_args = extra  # every other option is a train option
     try:
         return args.func(args)
     except KeyboardInterrupt:
