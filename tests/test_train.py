@@ -298,3 +298,57 @@ def test_experiments_write_their_three_files(tmp_path, minilm_data, kind, spec, 
         main(["experiment", kind, *spec, "--out", str(tmp_path / "x"), "--model", "m", "--data", "d", "--no-such"])
     assert e.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_qlora_on_the_cpu_quantizes_once_and_trains(tmp_path, monkeypatch):
+    """--qlora: the base is quantized by lorafast (cached), loaded 4-bit by bitsandbytes, and trained."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("LORAFAST_CACHE", str(tmp_path / "cache"))
+    base = save_model(
+        transformers.LlamaForCausalLM,
+        tiny_llama_config(vocab_size=30522, intermediate_size=192),
+        tmp_path / "llama",
+        torch.float32,
+    )
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    rows = [{"instruction": "name a color", "input": "", "output": "blue"}] * 8
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in rows))
+    r = train(
+        model=str(base),
+        data=str(data),
+        out=str(tmp_path / "run"),
+        task="causal-lm",
+        r=4,
+        targets="attn",
+        epochs=2,
+        batch_size=4,
+        max_length=128,
+        lr=3e-3,
+        qlora=True,
+        progress=False,
+    )
+    cached = list((tmp_path / "cache" / "quantized").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
+    qc = json.loads((cached[0] / "config.json").read_text())["quantization_config"]
+    assert qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4"
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    assert (r.adapter / "adapter_model.safetensors").exists()
+    # Again: the cached 4-bit base is reused, not quantized a second time.
+    mtime = (cached[0] / "model.safetensors").stat().st_mtime_ns
+    train(
+        model=str(base),
+        data=str(data),
+        out=str(tmp_path / "run2"),
+        task="causal-lm",
+        r=4,
+        targets="attn",
+        epochs=1,
+        batch_size=4,
+        max_length=128,
+        qlora=True,
+        progress=False,
+    )
+    assert (cached[0] / "model.safetensors").stat().st_mtime_ns == mtime
