@@ -352,3 +352,36 @@ def test_qlora_on_the_cpu_quantizes_once_and_trains(tmp_path, monkeypatch):
         progress=False,
     )
     assert (cached[0] / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_two_cpu_processes_share_the_data(tmp_path, minilm_data):
+    """Distributed data parallel over two CPU processes (torchrun, as `accelerate launch --multi_gpu` uses):
+    each process sees half of the batches, the main process evaluates, logs and saves once."""
+    import subprocess
+    import sys
+
+    train_file, dev_file = minilm_data
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\nfrom lorafast.train import train\n"
+        f"train(model={str(minilm_path())!r}, data={str(train_file)!r}, eval_data={str(dev_file)!r}, out=sys.argv[1],"
+        " task='seq-cls', r=4, epochs=1, batch_size=16, max_length=32, progress=False)\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        str(script),
+        str(tmp_path / "ddp"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert s["processes"] == 2
+    assert s["steps"] == 5  # 160 records / 16 per batch / 2 processes
+    evals = [x for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 1 and (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()

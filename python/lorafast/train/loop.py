@@ -111,10 +111,16 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         raise InvalidArgumentError(f"task {cfg.task!r}: use seq-cls or causal-lm")
     import torch
     import transformers
+    from accelerate import Accelerator
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     transformers.logging.set_verbosity_error()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # One process, or one of several under `accelerate launch` (DDP / FSDP / DeepSpeed as accelerate is
+    # configured); mixed precision stays ours (autocast below).
+    want_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=want_cpu, mixed_precision="no")
+    device = torch.device(cfg.device) if cfg.device and cfg.device != "cpu" else accelerator.device
+    main = accelerator.is_main_process
     if cfg.qlora:
         try:
             import bitsandbytes  # noqa: F401
@@ -208,8 +214,6 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         )
 
     train_loader = loader(enc, True)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.qlora and use_cuda:
         import bitsandbytes as bnb
@@ -217,6 +221,10 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The scheduler is not handed to accelerate: it steps once per optimizer step of this process.
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scheduler = transformers.get_cosine_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
@@ -225,11 +233,13 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    if main:
+        metrics_path.write_text("")
 
     def log(entry: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if main:  # one log, from the main process
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     from tqdm.auto import tqdm
 
@@ -238,7 +248,7 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     if use_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     epochs = math.ceil(cfg.epochs)
-    bar = tqdm(total=total_steps, desc="train", disable=not cfg.progress)
+    bar = tqdm(total=total_steps, desc="train", disable=not (cfg.progress and main))
     model.train()
     for epoch in range(epochs):
         running, count = 0.0, 0
@@ -246,13 +256,13 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = model(**batch).loss / cfg.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
+            accelerator.backward(scaler.scale(loss) if scaler else loss)
             running += loss.item() * cfg.grad_accum
             count += 1
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(train_loader):
                 if scaler:
                     scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -269,21 +279,25 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
                 running, count = 0.0, 0
                 if step >= total_steps:
                     break
-        if eval_enc:
-            last_eval = evaluate(model, loader(eval_enc, False), device, cfg.task, amp_dtype)
+        if eval_enc and main:  # the main process evaluates the whole set and keeps the best adapter
+            unwrapped = accelerator.unwrap_model(model)
+            last_eval = evaluate(unwrapped, loader(eval_enc, False), device, cfg.task, amp_dtype)
             log({"step": step, "epoch": epoch + 1, "eval": last_eval})
             key = "accuracy" if cfg.task == "seq-cls" else "loss"
             better = best is None or (last_eval[key] > best if key == "accuracy" else last_eval[key] < best)
             if better:
                 best, best_metrics = last_eval[key], last_eval
-                model.save_pretrained(out / "adapter")
+                unwrapped.save_pretrained(out / "adapter")
+        accelerator.wait_for_everyone()
         if step >= total_steps:
             break
     bar.close()
     train_seconds = time.perf_counter() - started
-    if not eval_enc:
-        model.save_pretrained(out / "adapter")
-    tokenizer.save_pretrained(out / "adapter")
+    if main:
+        if not eval_enc:
+            accelerator.unwrap_model(model).save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")
+    accelerator.wait_for_everyone()
     adapter_file = out / "adapter" / "adapter_model.safetensors"
     summary = {
         "task": cfg.task,
@@ -295,6 +309,7 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         "adapter_bytes": adapter_file.stat().st_size,
         "train_seconds": train_seconds,
         "steps": step,
+        "processes": accelerator.num_processes,
         "peak_memory_bytes": _peak_memory(device),
         "peak_memory_kind": "cuda_max_allocated" if use_cuda else "process_rss",
         "eval": best_metrics,
@@ -302,9 +317,10 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         "labels": [str(x) for x in labels],
         "config": asdict(cfg),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     merged = None
-    if cfg.merge:
+    if cfg.merge and main:
         if cfg.qlora or Path(cfg.model).is_dir():
             from lorafast.merge import merge
 
