@@ -385,3 +385,114 @@ def test_two_cpu_processes_share_the_data(tmp_path, minilm_data):
     assert s["steps"] == 5  # 160 records / 16 per batch / 2 processes
     evals = [x for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert len(evals) == 1 and (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_csv_and_parquet_data_and_lora_options(tmp_path, minilm_data):
+    """CSV and parquet data; rsLoRA, a rank pattern and a non-default init reach the saved adapter config."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train_file, _ = minilm_data
+    rows = [json.loads(x) for x in train_file.read_text().splitlines()]
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    r = train(
+        model=str(minilm_path()),
+        data=str(tmp_path / "d.csv"),
+        out=str(tmp_path / "csv"),
+        task="seq-cls",
+        r=8,
+        targets="query,value",
+        rslora=True,
+        rank_pattern={"value": 4},
+        init="gaussian",
+        epochs=1,
+        batch_size=32,
+        max_length=32,
+        progress=False,
+    )
+    cfg = json.loads((r.adapter / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] and cfg["rank_pattern"] == {"value": 4} and cfg["init_lora_weights"] == "gaussian"
+    assert r.summary["steps"] == 5
+    # PiSSA changes the base at init: the adapter is saved converted to plain LoRA of rank 2r, which merges into
+    # the original base and matches base + adapter.
+    import lorafast
+
+    r = train(
+        model=str(minilm_path()),
+        data=str(tmp_path / "d.parquet"),
+        out=str(tmp_path / "pq"),
+        task="seq-cls",
+        r=8,
+        targets="query,value",
+        init="pissa",
+        epochs=1,
+        batch_size=32,
+        max_length=32,
+        progress=False,
+    )
+    cfg = json.loads((r.adapter / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True and cfg["r"] == 16
+    assert not (tmp_path / "pq" / "initial_adapter").exists()
+    merged = lorafast.merge(minilm_path(), r.adapter, tmp_path / "pq-merged", progress=False).output
+    assert main(["verify", str(minilm_path()), str(r.adapter), str(merged)]) == 0
+
+
+def test_datasets_folder_and_gradient_accumulation(tmp_path, minilm_data):
+    """A `datasets` folder as --data; gradient accumulation makes one optimizer step per two batches."""
+    train_file, _ = minilm_data
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(train_file.read_text())
+    r = train(
+        model=str(minilm_path()),
+        data=str(folder),
+        out=str(tmp_path / "run"),
+        task="seq-cls",
+        r=4,
+        epochs=1,
+        batch_size=16,
+        grad_accum=2,
+        max_length=32,
+        progress=False,
+    )
+    assert r.summary["steps"] == 5  # 160 records / 16 per batch / 2 batches per step
+    assert (
+        main(["train", "--model", str(minilm_path()), "--data", "no-such/dataset", "--out", str(tmp_path / "x"), "-q"])
+        == 1
+    )
+
+
+def test_causal_lm_predictions_and_qlora_without_bitsandbytes(tmp_path, monkeypatch):
+    from lorafast.train.multi import load, predict
+
+    base = save_model(
+        transformers.LlamaForCausalLM, tiny_llama_config(vocab_size=30522), tmp_path / "llama", torch.float32
+    )
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "name a color", "output": "blue"}))
+    r = train(
+        model=str(base),
+        data=str(data),
+        out=str(tmp_path / "run"),
+        task="causal-lm",
+        r=4,
+        epochs=1,
+        batch_size=1,
+        max_length=128,
+        progress=False,
+    )
+    model = load(base, {"colors": r.adapter})
+    tok = transformers.AutoTokenizer.from_pretrained(str(r.adapter))
+    preds = predict(model, tok, [{"instruction": "name a color"}], task="causal-lm", max_new_tokens=4)
+    assert len(preds) == 1 and isinstance(preds[0]["response"], str)
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with pytest.raises(errors.InvalidArgumentError, match="--qlora needs bitsandbytes"):
+        train(model=str(base), data=str(data), out=str(tmp_path / "q"), task="causal-lm", qlora=True, progress=False)

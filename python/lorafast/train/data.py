@@ -25,15 +25,17 @@ ALPACA_NO_INPUT = (
 def read_records(source: str) -> list[dict[str, Any]]:
     """Rows of a local data file, or of a `datasets` dataset name (its train split)."""
     path = Path(os.fspath(source))
-    if not path.exists():
-        if "/" in str(source) or not path.suffix:
-            try:
-                import datasets  # noqa: F401
-            except ImportError:
-                raise InvalidArgumentError(f"{source}: no such file (and `datasets` is not installed)") from None
+    if path.is_dir() or (not path.exists() and not path.suffix):
+        # A dataset folder or a `datasets` name (a hub id such as "imdb"): its train split.
+        try:
             from datasets import load_dataset
-
+        except ImportError:
+            raise InvalidArgumentError(f"{source}: not a data file, and `datasets` is not installed") from None
+        try:
             return [dict(r) for r in load_dataset(str(source), split="train")]
+        except Exception as e:  # noqa: BLE001 - one clear line for any loading failure
+            raise InvalidArgumentError(f"{source}: cannot load it with datasets ({e})") from None
+    if not path.exists():
         raise InvalidArgumentError(f"{source}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

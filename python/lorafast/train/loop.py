@@ -179,6 +179,13 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
+    # PiSSA / OLoRA change the base weights at init: keep the initial adapter so the result can be saved
+    # converted to plain LoRA (rank 2r) that merges into the original base.
+    # (its folder name becomes a PEFT adapter name: no dots)
+    initial_dir = Path(cfg.out) / "initial_adapter" if cfg.init in ("pissa", "olora") else None
+    if initial_dir is not None and accelerator.is_main_process:
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(initial_dir)
 
     if cfg.task == "seq-cls":
         enc = D.encode_classification(rows, tokenizer, cfg.text_field, cfg.label_field, labels, cfg.max_length)
@@ -241,6 +248,25 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
+    def save_adapter(m) -> None:
+        if initial_dir is None:
+            m.save_pretrained(out / "adapter")
+            return
+        m.save_pretrained(out / "adapter", path_initial_model_for_weight_conversion=str(initial_dir))
+        # PEFT's conversion keeps only the LoRA tensors and drops modules_to_save (a classification head):
+        # put them back, or the adapter cannot be loaded at all.
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        f = out / "adapter" / "adapter_model.safetensors"
+        converted = load_file(str(f))
+        full = get_peft_model_state_dict(m)
+        missing = {
+            k: v.detach().cpu().contiguous() for k, v in full.items() if ".lora_" not in k and k not in converted
+        }
+        if missing:
+            save_file({**converted, **missing}, str(f), metadata={"format": "pt"})
+
     from tqdm.auto import tqdm
 
     step, best, best_metrics, last_eval = 0, None, None, None
@@ -287,7 +313,7 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
             better = best is None or (last_eval[key] > best if key == "accuracy" else last_eval[key] < best)
             if better:
                 best, best_metrics = last_eval[key], last_eval
-                unwrapped.save_pretrained(out / "adapter")
+                save_adapter(unwrapped)
         accelerator.wait_for_everyone()
         if step >= total_steps:
             break
@@ -295,8 +321,12 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     train_seconds = time.perf_counter() - started
     if main:
         if not eval_enc:
-            accelerator.unwrap_model(model).save_pretrained(out / "adapter")
+            save_adapter(accelerator.unwrap_model(model))
         tokenizer.save_pretrained(out / "adapter")
+        if initial_dir is not None:
+            import shutil
+
+            shutil.rmtree(initial_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     adapter_file = out / "adapter" / "adapter_model.safetensors"
     summary = {

@@ -107,6 +107,7 @@ def predict(
                 ctx = str(r.get("input") or "")
                 prompt = (ALPACA_WITH_INPUT if ctx else ALPACA_NO_INPUT).format(instruction=r["instruction"], input=ctx)
                 enc = tokenizer(prompt, return_tensors="pt").to(device)
+                enc.pop("token_type_ids", None)  # BERT-style tokenizers add them; decoders take none
                 with torch.no_grad():
                     ids = model.generate(
                         **enc,
