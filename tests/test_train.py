@@ -209,6 +209,9 @@ def test_several_adapters_on_one_base_and_predict(tmp_path, minilm_data, capsys)
             base_logits = model(**ids).logits
         assert torch.allclose(la, alone(a.adapter), atol=1e-5) and torch.allclose(lb, alone(b.adapter), atol=1e-5)
         assert not torch.allclose(la, lb) and not torch.allclose(la, base_logits)
+        # unload: the plain model back, every LoRA layer removed
+        plain = model.unload()
+        assert not any("lora_" in n for n, _ in plain.named_parameters())
     out = tmp_path / "preds.jsonl"
     assert (
         main(
@@ -484,6 +487,7 @@ def test_causal_lm_predictions_and_qlora_without_bitsandbytes(tmp_path, monkeypa
         out=str(tmp_path / "run"),
         task="causal-lm",
         r=4,
+        targets="all-linear",
         epochs=1,
         batch_size=1,
         max_length=128,
@@ -493,6 +497,8 @@ def test_causal_lm_predictions_and_qlora_without_bitsandbytes(tmp_path, monkeypa
     tok = transformers.AutoTokenizer.from_pretrained(str(r.adapter))
     preds = predict(model, tok, [{"instruction": "name a color"}], task="causal-lm", max_new_tokens=4)
     assert len(preds) == 1 and isinstance(preds[0]["response"], str)
+    targeted = set(json.loads((r.adapter / "adapter_config.json").read_text())["target_modules"])
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targeted  # all-linear
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     with pytest.raises(errors.InvalidArgumentError, match="--qlora needs bitsandbytes"):
         train(model=str(base), data=str(data), out=str(tmp_path / "q"), task="causal-lm", qlora=True, progress=False)
