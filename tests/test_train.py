@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import minilm_path, save_model, tiny_llama_config
+from conftest import minilm_path, save_model, tiny_llama_config, with_minilm_tokenizer
 
 from lorafast import errors
 from lorafast.cli import main
@@ -101,8 +101,7 @@ def test_gpt2_r8_c_attn_trainable_count_matches_peft(tmp_path):
         tmp_path / "gpt2",
         torch.float32,
     )
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    with_minilm_tokenizer(base)
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) for i in range(4)))
     r = train(
@@ -124,8 +123,7 @@ def test_causal_lm_instruction_tuning_loss_goes_down(tmp_path):
     base = save_model(
         transformers.LlamaForCausalLM, tiny_llama_config(vocab_size=30522), tmp_path / "llama", torch.float32
     )
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    with_minilm_tokenizer(base)
     rows = [
         {"instruction": "name a color", "input": "", "output": "blue"},
         {"instruction": "add the numbers", "input": "2 and 3", "output": "five"},
@@ -313,8 +311,7 @@ def test_qlora_on_the_cpu_quantizes_once_and_trains(tmp_path, monkeypatch):
         tmp_path / "llama",
         torch.float32,
     )
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    with_minilm_tokenizer(base)
     rows = [{"instruction": "name a color", "input": "", "output": "blue"}] * 8
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in rows))
@@ -477,8 +474,7 @@ def test_causal_lm_predictions_and_qlora_without_bitsandbytes(tmp_path, monkeypa
     base = save_model(
         transformers.LlamaForCausalLM, tiny_llama_config(vocab_size=30522), tmp_path / "llama", torch.float32
     )
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (base / f).write_bytes((minilm_path() / f).read_bytes())
+    with_minilm_tokenizer(base)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "name a color", "output": "blue"}))
     r = train(
