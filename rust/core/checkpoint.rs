@@ -136,14 +136,20 @@ impl Checkpoint {
         self.locate.contains_key(name)
     }
 
-    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+    /// Every tensor with its shard number, shard by shard in file order.
+    pub fn entries(&self) -> impl Iterator<Item = (usize, &TensorEntry)> {
         self.shards
             .iter()
-            .flat_map(|s| s.tensors().iter().map(|t| t.name.as_str()))
+            .enumerate()
+            .flat_map(|(si, s)| s.tensors().iter().map(move |t| (si, t)))
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.entries().map(|(_, t)| t.name.as_str())
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.shards.iter().flat_map(|s| s.tensors()).map(|t| t.len).sum()
+        self.entries().map(|(_, t)| t.len).sum()
     }
 
     /// `config.json`'s field, if any.
@@ -231,11 +237,6 @@ impl CheckpointWriter {
     /// Bytes of tensor data planned so far.
     pub fn total_bytes(&self) -> u64 {
         self.total
-    }
-
-    /// The staging folder, for extra files.
-    pub fn dir(&self) -> &Path {
-        &self.staging.tmp
     }
 
     /// Close the shards, write the index (when `sharded`), copy the side files of `side_files_from`,

@@ -45,10 +45,8 @@ pub struct AdapterSummary {
 pub fn checkpoint(dir: &Path) -> Result<CheckpointSummary> {
     let ck = Checkpoint::open(dir)?;
     let tensors: Vec<TensorSummary> = ck
-        .shards
-        .iter()
-        .flat_map(|s| s.tensors())
-        .map(|t| TensorSummary {
+        .entries()
+        .map(|(_, t)| TensorSummary {
             name: t.name.clone(),
             dtype: format!("{:?}", t.dtype),
             shape: t.shape.clone(),
@@ -56,12 +54,7 @@ pub fn checkpoint(dir: &Path) -> Result<CheckpointSummary> {
         })
         .collect();
     Ok(CheckpointSummary {
-        parameters: ck
-            .shards
-            .iter()
-            .flat_map(|s| s.tensors())
-            .map(|t| t.numel() as u64)
-            .sum(),
+        parameters: ck.entries().map(|(_, t)| t.numel() as u64).sum(),
         total_bytes: ck.total_bytes(),
         shards: ck.shard_names.clone(),
         tensors,

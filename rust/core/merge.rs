@@ -504,7 +504,7 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
 /// The float type most of the base is stored in (what PEFT's model would be loaded as).
 fn base_float(base: &Checkpoint) -> Option<FloatType> {
     let mut bytes: BTreeMap<Dtype, u64> = BTreeMap::new();
-    for t in base.shards.iter().flat_map(|s| s.tensors()) {
+    for (_, t) in base.entries() {
         if t.float_type().is_some() {
             *bytes.entry(t.dtype).or_default() += t.len;
         }

@@ -81,10 +81,8 @@ pub fn heuristic_targets(ck: &Checkpoint, skip: &[String]) -> Vec<(String, bool)
     // is quantized after all. So heads are kept only when they have no bias.
     const HEADS: [&str; 3] = ["score", "classifier", "qa_outputs"];
     let model_type = ck.model_type();
-    ck.shards
-        .iter()
-        .flat_map(|s| s.tensors())
-        .filter_map(|t| {
+    ck.entries()
+        .filter_map(|(_, t)| {
             let module = t.name.strip_suffix(".weight")?;
             let leaf = module.rsplit('.').next().unwrap_or(module);
             let is_head = HEADS.iter().any(|h| module == *h || module.ends_with(&format!(".{h}")));
@@ -221,13 +219,7 @@ pub fn quantize_checkpoint(
     let mut writer = CheckpointWriter::new(out, &[base], opts.overwrite)?;
     let ck = Checkpoint::open(base)?;
     // With explicit targets a partly 4-bit checkpoint is fine: its 4-bit tensors are copied as they are.
-    if opts.targets.is_none()
-        && ck
-            .shards
-            .iter()
-            .flat_map(|s| s.tensors())
-            .any(|t| t.name.contains(".quant_state."))
-    {
+    if opts.targets.is_none() && ck.tensor_names().any(|n| n.contains(".quant_state.")) {
         return Err(Error::InvalidArgument(format!(
             "{}: already quantized (use `lorafast dequantize` first)",
             base.display()
@@ -334,12 +326,7 @@ pub fn quantize_checkpoint(
     progress.start(writer.total_bytes());
 
     // Pass 2: write everything.
-    let jobs: Vec<(usize, &TensorEntry)> = ck
-        .shards
-        .iter()
-        .enumerate()
-        .flat_map(|(si, s)| s.tensors().iter().map(move |e| (si, e)))
-        .collect();
+    let jobs: Vec<(usize, &TensorEntry)> = ck.entries().collect();
     pool.install(|| {
         jobs.par_iter().try_for_each(|(si, e)| {
             if progress.cancelled() {
@@ -660,12 +647,7 @@ pub fn dequantize_checkpoint(
         writer.add_shard(&ck.shard_names[si], &tensors)?;
     }
     progress.start(writer.total_bytes());
-    let jobs: Vec<(usize, &TensorEntry)> = ck
-        .shards
-        .iter()
-        .enumerate()
-        .flat_map(|(si, s)| s.tensors().iter().filter(|e| !dropped(&e.name)).map(move |e| (si, e)))
-        .collect();
+    let jobs: Vec<(usize, &TensorEntry)> = ck.entries().filter(|(_, e)| !dropped(&e.name)).collect();
     pool.install(|| {
         jobs.par_iter().try_for_each(|(si, e)| {
             if progress.cancelled() {
