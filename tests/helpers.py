@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from lorafast.reference import compare_checkpoints
@@ -25,3 +26,30 @@ def changed_tensors(base_state: dict, merged: Path) -> int:
 
     out = load_state_dict(merged)
     return sum(1 for k, v in out.items() if k in base_state and not v.equal(base_state[k]))
+
+
+def digest(folder: Path) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run the CLI; assert it failed with exactly one line on stderr and no traceback."""
+    from lorafast.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code != 0
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert lines[0].startswith("lorafast: error:"), lines[0]
+    return lines[0]
+
+
+def no_leftovers(parent: Path, out_name: str = "out"):
+    assert not (parent / out_name).exists(), "a failed merge must not leave OUT"
+    assert not [p for p in parent.iterdir() if "lorafast-tmp" in p.name], "temporary folder left behind"

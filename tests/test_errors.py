@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cli_error, digest, no_leftovers
 
 import lorafast
 from lorafast import errors
@@ -26,31 +26,6 @@ def pair(tmp_path):
     base = make_llama_checkpoint(tmp_path / "base", SHAPE, shards=2)
     adapter = make_lora_adapter(tmp_path / "adapter", SHAPE, r=4, alpha=8)
     return base, adapter
-
-
-def digest(folder: Path) -> dict:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def cli_error(capsys, *argv) -> str:
-    """Run the CLI; assert it failed with exactly one line on stderr and no traceback."""
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    assert code != 0
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1, captured.err
-    assert "Traceback" not in captured.err
-    assert lines[0].startswith("lorafast: error:"), lines[0]
-    return lines[0]
-
-
-def no_leftovers(parent: Path, out_name: str = "out"):
-    assert not (parent / out_name).exists(), "a failed merge must not leave OUT"
-    assert not [p for p in parent.iterdir() if "lorafast-tmp" in p.name], "temporary folder left behind"
 
 
 def first_shard(base: Path) -> Path:

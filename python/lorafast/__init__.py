@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from lorafast._core import __version__
+from lorafast.arith import ArithReport, combine, extract, resize
 from lorafast.errors import LorafastError
 from lorafast.inspect import inspect_adapter, inspect_checkpoint
 from lorafast.merge import MergeReport, merge
@@ -20,6 +21,10 @@ __all__ = [
     "__version__",
     "merge",
     "MergeReport",
+    "combine",
+    "extract",
+    "resize",
+    "ArithReport",
     "quantize",
     "dequantize",
     "QuantizeReport",

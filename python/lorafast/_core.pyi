@@ -10,6 +10,9 @@ __version__: str
 __all__ = [
     "__version__",
     "merge",
+    "combine",
+    "extract",
+    "resize",
     "inspect_checkpoint",
     "inspect_adapter",
     "quantize_4bit",
@@ -31,6 +34,51 @@ def merge(
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
     f32_outputs: Sequence[str] = ...,
+) -> dict[str, Any]: ...
+def combine(
+    adapters: Sequence[_Path],
+    out: _Path,
+    *,
+    weights: Sequence[float],
+    method: str,
+    density: Optional[float] = None,
+    rank: Optional[int] = None,
+    majority_sign: str = "total",
+    seed: int = 0,
+    svd_clamp: Optional[float] = None,
+    dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    allow_different_bases: bool = False,
+    progress: Optional[Callable[[str, int], Any]] = None,
+) -> dict[str, Any]: ...
+def extract(
+    base: _Path,
+    tuned: _Path,
+    out: _Path,
+    *,
+    rank: int,
+    energy: Optional[float] = None,
+    targets: Optional[Sequence[str]] = None,
+    modules_to_save: bool = False,
+    dtype: Optional[str] = None,
+    oversample: Optional[int] = None,
+    tol: Optional[float] = None,
+    max_iters: Optional[int] = None,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[str, int], Any]] = None,
+) -> dict[str, Any]: ...
+def resize(
+    adapter: _Path,
+    out: _Path,
+    *,
+    rank: Optional[int] = None,
+    energy: Optional[float] = None,
+    dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[str, int], Any]] = None,
 ) -> dict[str, Any]: ...
 def inspect_checkpoint(path: _Path) -> dict[str, Any]: ...
 def inspect_adapter(path: _Path) -> dict[str, Any]: ...

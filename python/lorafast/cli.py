@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lorafast import __version__
+from lorafast.arith import METHODS
 from lorafast.errors import LorafastError
 
 
@@ -55,6 +56,103 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def _print_arith(verb: str, r, args: argparse.Namespace) -> None:
+    for w in r.warnings:
+        print(f"lorafast: warning: {w}", file=sys.stderr)
+    if args.quiet:
+        return
+    ranks = sorted({m.rank for m in r.modules})
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    print(
+        f"{verb} {len(r.modules)} LoRA modules (rank {rank_text}), {r.saved_tensors} full tensors -> {r.output} "
+        f"in {r.seconds:.2f} s"
+    )
+    summary = r.energy_summary()
+    if summary is None:
+        return
+    print(
+        f"energy captured per module: min {summary['min']:.4f}, median {summary['median']:.4f}, "
+        f"mean {summary['mean']:.4f}"
+    )
+    shown = sorted(r.modules, key=lambda m: m.energy) if not args.verbose else r.modules
+    for m in shown if args.verbose else shown[:5]:
+        print(f"    {m.energy:.4f}  r={m.rank:<4d} {m.module}")
+    if not args.verbose and len(shown) > 5:
+        print(f"    ... the {len(shown) - 5} others captured more (--verbose lists all)")
+
+
+def _cmd_combine(args: argparse.Namespace) -> int:
+    from lorafast.arith import combine
+
+    r = combine(
+        args.adapters,
+        args.out,
+        weights=args.weights,
+        method=args.method,
+        density=args.density,
+        rank=args.rank,
+        majority_sign=args.majority_sign,
+        seed=args.seed,
+        svd_clamp=args.svd_clamp,
+        dtype=args.dtype,
+        threads=args.threads,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        allow_different_bases=args.allow_different_bases,
+    )
+    _print_arith(f"combined {len(args.adapters)} adapter(s) with {args.method}:", r, args)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from lorafast.arith import extract
+
+    r = extract(
+        args.base,
+        args.tuned,
+        args.out,
+        rank=args.rank,
+        energy=args.energy,
+        targets=args.targets,
+        modules_to_save=args.modules_to_save,
+        dtype=args.dtype,
+        tol=args.tol,
+        threads=args.threads,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    _print_arith("extracted", r, args)
+    return 0
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    from lorafast.arith import resize
+
+    if args.rank is None and args.energy is None:
+        raise ValueError("resize needs --rank, --energy or both")
+    r = resize(
+        args.adapter,
+        args.out,
+        rank=args.rank,
+        energy=args.energy,
+        dtype=args.dtype,
+        threads=args.threads,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    _print_arith("resized", r, args)
+    return 0
+
+
+def _common_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    p.add_argument("-o", "--out", required=True, help="output adapter folder")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help=dtype_help)
+    p.add_argument("--threads", type=int, help="worker threads (default: LORAFAST_NUM_THREADS or all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every module's rank and energy")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -288,6 +386,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     m.set_defaults(func=_cmd_merge)
+
+    c = sub.add_parser("combine", help="combine LoRA adapters into one (PEFT's add_weighted_adapter, on files)")
+    c.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapter folders")
+    c.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
+    c.add_argument("--method", choices=METHODS, default="svd", help="PEFT's combination_type (default svd)")
+    c.add_argument("--density", type=float, help="share of values kept (ties, dare, magnitude_prune)")
+    c.add_argument("--rank", type=int, help="rank of the svd methods' result (default: the largest input rank)")
+    c.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="TIES sign election")
+    c.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
+    c.add_argument("--svd-clamp", type=float, help="clamp the svd factors at this quantile (PEFT's svd_clamp)")
+    c.add_argument("--allow-different-bases", action="store_true", help="combine adapters naming different bases")
+    _common_output_options(c, "output float dtype (default fp32, as PEFT saves)")
+    c.set_defaults(func=_cmd_combine)
+
+    x = sub.add_parser("extract", help="extract a LoRA adapter from a base / fine-tuned checkpoint pair (SVD)")
+    x.add_argument("base", help="base model folder")
+    x.add_argument("tuned", help="fine-tuned model folder with the same tensors")
+    x.add_argument("--rank", type=int, required=True, help="rank per module (the cap with --energy)")
+    x.add_argument("--energy", type=float, help="per module, the fewest components holding this energy share")
+    x.add_argument(
+        "--targets",
+        type=lambda s: s.split(","),
+        help="comma-separated module names or suffixes (default: every linear layer but embeddings and heads)",
+    )
+    x.add_argument("--modules-to-save", action="store_true", help="carry other changed modules (norms, heads) whole")
+    x.add_argument("--tol", type=float, help="randomized SVD stops when an iteration adds less energy (1e-4)")
+    _common_output_options(x, "output float dtype (default fp32)")
+    x.set_defaults(func=_cmd_extract)
+
+    rs = sub.add_parser("resize", help="lower an adapter's rank by SVD (--rank, --energy or both)")
+    rs.add_argument("adapter", help="PEFT LoRA adapter folder")
+    rs.add_argument("--rank", type=int, help="largest rank kept per module")
+    rs.add_argument("--energy", type=float, help="per module, the fewest components holding this energy share")
+    _common_output_options(rs, "output float dtype (default: the adapter's)")
+    rs.set_defaults(func=_cmd_resize)
 
     q = sub.add_parser("quantize", help="write a 4-bit NF4/FP4 checkpoint, byte-identical to bitsandbytes'")
     q.add_argument("base", help="base model folder (safetensors)")

@@ -1,4 +1,5 @@
 //! The pure-Rust core: no Python types in here. The binding in `rust/py` is a thin layer over it.
+pub mod arith;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;

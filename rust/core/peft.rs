@@ -256,10 +256,19 @@ impl AdapterConfig {
             .map_or(self.lora_alpha, |(_, _, a)| *a)
     }
 
-    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA; computed in f64 like Python, used as f32 like torch.
-    pub fn scaling_for(&self, module: &str) -> f32 {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, as the Python float PEFT keeps.
+    pub fn scaling_f64_for(&self, module: &str) -> f64 {
         let (r, alpha) = (self.rank_for(module) as f64, self.alpha_for(module));
-        (if self.use_rslora { alpha / r.sqrt() } else { alpha / r }) as f32
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+
+    /// The scaling as torch applies it to an f32 tensor.
+    pub fn scaling_for(&self, module: &str) -> f32 {
+        self.scaling_f64_for(module) as f32
     }
 
     pub fn is_module_to_save(&self, module: &str) -> bool {

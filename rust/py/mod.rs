@@ -1,4 +1,5 @@
 //! The PyO3 binding: converts arguments, runs the core with the GIL released, converts results.
+mod arith;
 mod errors;
 mod quant;
 mod run;
@@ -114,6 +115,9 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(arith::combine, m)?)?;
+    m.add_function(wrap_pyfunction!(arith::extract, m)?)?;
+    m.add_function(wrap_pyfunction!(arith::resize, m)?)?;
     m.add_function(wrap_pyfunction!(quant::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_nested, m)?)?;
