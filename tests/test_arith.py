@@ -4,10 +4,12 @@ in torch for extract and resize, and every output must load with PeftModel.from_
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import save_adapter, save_model, tiny_llama_config
+from conftest import minilm_path, save_adapter, save_model, tiny_gpt2_config, tiny_llama_config
+from helpers import cli_error, digest, no_leftovers
 
 import lorafast
 from lorafast.arith import METHODS
@@ -279,3 +281,254 @@ def test_svd_clamp_clamps_the_factors_at_their_quantile(tmp_path, adapters):
         hi = torch.quantile(torch.cat([plain[k_b].flatten(), plain[k_a].flatten()]), 0.9)
         torch.testing.assert_close(clamped[k_a], plain[k_a].clamp(-hi, hi))
         torch.testing.assert_close(clamped[k_b], plain[k_b].clamp(-hi, hi))
+
+
+# ----------------------------------------------------------------------------------------------- extract
+
+
+@pytest.fixture(scope="module")
+def lowrank_tuned(tmp_path_factory, base) -> Path:
+    """TUNED = BASE + an exactly rank-3 change on every projection, and a changed final norm."""
+    model = CausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.add_(torch.randn(p.shape[0], 3, generator=g) @ torch.randn(3, p.shape[1], generator=g) * 0.01)
+        model.model.norm.weight.add_(0.1)
+    d = tmp_path_factory.mktemp("tuned")
+    model.save_pretrained(d)
+    return d
+
+
+def weight_deltas(base: Path, tuned: Path) -> dict[str, torch.Tensor]:
+    b, t = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    return {k[: -len(".weight")]: t[k].float() - b[k].float() for k in b if k.endswith("proj.weight")}
+
+
+def test_extract_recovers_an_exactly_low_rank_difference(tmp_path, base, lowrank_tuned):
+    before = digest(base), digest(lowrank_tuned)
+    r = lorafast.extract(base, lowrank_tuned, tmp_path / "out", rank=3, progress=False)
+    assert (digest(base), digest(lowrank_tuned)) == before
+    assert len(r.modules) == 3 * 7 and all(m.rank == 3 for m in r.modules)
+    assert min(m.energy for m in r.modules) > 1 - 1e-6
+    assert any("model.norm" in w and "--modules-to-save" in w for w in r.warnings)
+    got = deltas(load_file(r.output / "adapter_model.safetensors"))
+    for module, want in weight_deltas(base, lowrank_tuned).items():
+        assert rel_err(got[f"base_model.model.{module}"], want) < 1e-5, module
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(ALL) and cfg["task_type"] == "CAUSAL_LM"
+    pm = peft_loads(r.output, base)
+    tuned = CausalLM.from_pretrained(lowrank_tuned)
+    tuned.model.norm.weight.data = pm.base_model.model.model.norm.weight.data.clone()  # not in this adapter
+    ids = torch.arange(20).reshape(2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_extract_energy_picks_ranks_and_carries_changed_modules(tmp_path, base, lowrank_tuned):
+    r = lorafast.extract(
+        base, lowrank_tuned, tmp_path / "out", rank=8, energy=0.999999, modules_to_save=True, progress=False
+    )
+    assert {m.rank for m in r.modules} == {3}, "the difference has rank 3: 3 components hold all of it"
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["model.norm"] and cfg["r"] == 3
+    state = load_file(r.output / "adapter_model.safetensors")
+    torch.testing.assert_close(
+        state["base_model.model.model.norm.weight"], load_file(lowrank_tuned / "model.safetensors")["model.norm.weight"]
+    )
+    pm = peft_loads(r.output, base)
+    tuned = CausalLM.from_pretrained(lowrank_tuned)
+    ids = torch.arange(20).reshape(2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+    # Named targets, by suffix.
+    r = lorafast.extract(base, lowrank_tuned, tmp_path / "qv", rank=2, targets=["q_proj", "v_proj"], progress=False)
+    assert sorted({m.module.rsplit(".", 1)[1] for m in r.modules}) == ["q_proj", "v_proj"]
+    assert all(0.5 < m.energy < 1 for m in r.modules)
+
+
+def test_extract_from_a_real_fine_tune_reports_exact_energies(tmp_path):
+    """Full fine-tune of the real MiniLM for a few steps; the energy lorafast reports per module is the
+    exact one (torch.linalg.svd of the difference), and base + adapter moves toward the fine-tune."""
+    src = minilm_path()
+    base = tmp_path / "base"
+    shutil.copytree(src, base, ignore=shutil.ignore_patterns("1_Pooling", "*.json", "README.md"))
+    (base / "config.json").write_bytes((src / "config.json").read_bytes())
+    model = transformers.AutoModel.from_pretrained(base)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    ids = torch.randint(1000, 2000, (8, 16))
+    target = torch.randn(8, 384)
+    for _ in range(4):
+        loss = (model(ids).last_hidden_state[:, 0] - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tuned = tmp_path / "tuned"
+    model.save_pretrained(tuned)
+
+    r = lorafast.extract(base, tuned, tmp_path / "out", rank=8, modules_to_save=True, progress=False)
+    b, t = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    assert len(r.modules) == 6 * 6 + 1  # query, key, value, 3 dense per layer, and the pooler
+    for m in r.modules:
+        d = (t[m.module + ".weight"] - b[m.module + ".weight"]).double()
+        if not d.any():  # the pooler is not on the loss's path: unchanged, one zero component
+            assert (m.rank, m.energy) == (1, 1.0)
+            continue
+        s = torch.linalg.svdvals(d)
+        exact = float((s[:8] ** 2).sum() / (s**2).sum())
+        assert abs(m.energy - exact) < 2e-3, (m.module, m.energy, exact)
+        assert 0.05 < m.energy < 1
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    assert "embeddings.word_embeddings" in cfg["modules_to_save"]
+    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(base), r.output)
+    plain = transformers.AutoModel.from_pretrained(base)
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+        gap_before = (plain(ids).last_hidden_state - want).norm()
+        gap_after = (peft_model(ids).last_hidden_state - want).norm()
+    assert gap_after < 0.5 * gap_before, (gap_after, gap_before)
+
+
+def test_extract_gpt2_conv1d(tmp_path):
+    base = save_model(transformers.GPT2LMHeadModel, tiny_gpt2_config(), tmp_path / "base", torch.float32)
+    model = transformers.GPT2LMHeadModel.from_pretrained(base)
+    with torch.no_grad():
+        w = model.transformer.h[0].attn.c_attn.weight  # Conv1D: (in, out)
+        w.add_(torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1]) * 0.01)
+    model.save_pretrained(tmp_path / "tuned")
+    r = lorafast.extract(base, tmp_path / "tuned", tmp_path / "out", rank=2, targets=["c_attn"], progress=False)
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    pm = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), r.output)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- resize
+
+
+def scaled_deltas(adapter: Path) -> dict:
+    c = json.loads((adapter / "adapter_config.json").read_text())
+    s = c["lora_alpha"] / (c["r"] ** 0.5 if c.get("use_rslora") else c["r"])
+    return {m: s * d for m, d in deltas(load_file(adapter / "adapter_model.safetensors")).items()}
+
+
+@pytest.mark.parametrize("which", [0, 2], ids=["plain", "rslora"])
+def test_resize_to_the_same_rank_changes_nothing(tmp_path, base, adapters, which):
+    a = adapters[which]
+    rank = json.loads((a / "adapter_config.json").read_text())["r"]
+    r = lorafast.resize(a, tmp_path / "out", rank=rank, progress=False)
+    assert all(m.rank == rank and m.energy > 1 - 1e-9 for m in r.modules)
+    got, want = scaled_deltas(r.output), scaled_deltas(a)
+    for m in want:
+        assert rel_err(got[m], want[m]) < 1e-5, m
+    ids = torch.arange(20).reshape(2, 10)
+    original = peft.PeftModel.from_pretrained(CausalLM.from_pretrained(base), a)
+    resized = peft_loads(r.output, base)
+    with torch.no_grad():
+        torch.testing.assert_close(resized(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_resize_lower_rank_is_the_truncated_svd(tmp_path, base, adapters):
+    a = adapters[0]
+    r = lorafast.resize(a, tmp_path / "out", rank=3, progress=False)
+    got = scaled_deltas(r.output)
+    for m in r.modules:
+        d = scaled_deltas(a)[f"base_model.model.{m.module}"].double()
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        assert abs(m.energy - float((s[:3] ** 2).sum() / (s**2).sum())) < 1e-6
+        assert rel_err(got[f"base_model.model.{m.module}"].double(), u[:, :3] @ torch.diag(s[:3]) @ vh[:3]) < 1e-5
+    peft_loads(r.output, base)
+
+
+def test_resize_by_energy_gives_per_module_ranks_peft_loads(tmp_path, base, adapters):
+    r = lorafast.resize(adapters[1], tmp_path / "out", energy=0.7, progress=False)
+    ranks = {m.module: m.rank for m in r.modules}
+    assert len(set(ranks.values())) > 1, ranks
+    assert all(m.energy >= 0.7 for m in r.modules)
+    pm = peft_loads(r.output, base)
+    for name, mod in pm.base_model.model.named_modules():
+        if name in ranks:
+            assert mod.lora_A["default"].weight.shape[0] == ranks[name], name
+            assert mod.scaling["default"] == 1.0
+    rc = cli(["resize", str(adapters[1]), "-o", str(tmp_path / "cli"), "--energy", "0.7", "--rank", "2", "-q"])
+    assert rc == 0
+    cfg = json.loads((tmp_path / "cli" / "adapter_config.json").read_text())
+    assert cfg["r"] <= 2
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def other_base_adapter(tmp_path_factory) -> Path:
+    """An adapter for a model with other shapes (hidden 32) but the same module names."""
+    d = tmp_path_factory.mktemp("other")
+    other = save_model(
+        transformers.LlamaForCausalLM,
+        tiny_llama_config(hidden_size=32, intermediate_size=96),
+        d / "base",
+        torch.float32,
+    )
+    return save_adapter(CausalLM, other, d / "adapter", r=8, lora_alpha=16, target_modules=["q_proj"])
+
+
+def failing_cli(capsys, tmp_path, inputs, *argv) -> str:
+    """The CLI fails in one line, writes nothing, and leaves the inputs as they were."""
+    before = [digest(p) for p in inputs]
+    line = cli_error(capsys, *argv, "-o", str(tmp_path / "out"))
+    no_leftovers(tmp_path)
+    assert [digest(p) for p in inputs] == before
+    return line
+
+
+def test_bad_combine_input_is_one_line_naming_the_culprit(tmp_path, capsys, adapters, other_base_adapter):
+    a, b, c = (str(x) for x in adapters)
+    ins = adapters
+    assert "1 weight(s) given for 2 adapter(s)" in failing_cli(capsys, tmp_path, ins, "combine", a, b, "--weights", "1")
+    line = failing_cli(capsys, tmp_path, ins, "combine", a, str(other_base_adapter), "--allow-different-bases")
+    assert "q_proj" in line and "different bases" in line
+    line = failing_cli(capsys, tmp_path, ins, "combine", a, str(other_base_adapter))
+    assert "adapter_config.json" in line and "different bases" in line
+    line = failing_cli(capsys, tmp_path, ins, "combine", a, c, "--method", "linear")
+    assert "rank 4" in line and "rank 8" in line
+    line = failing_cli(capsys, tmp_path, ins, "combine", a, b, "--method", "svd", "--rank", "40")
+    assert "rank 40" in line and "k_proj" in line  # k_proj is 32 x 64
+    assert "--density" in failing_cli(capsys, tmp_path, ins, "combine", a, b, "--method", "ties")
+    assert "--density" in failing_cli(capsys, tmp_path, ins, "combine", a, b, "--method", "cat", "--density", "0.5")
+    assert "outside 0..1" in failing_cli(capsys, tmp_path, ins, "combine", a, b, "--method", "ties", "--density", "2")
+
+
+def test_non_lora_and_dora_adapters_are_refused(tmp_path, capsys, base, adapters):
+    ia3 = tmp_path / "ia3"
+    model = CausalLM.from_pretrained(base)
+    peft.get_peft_model(
+        model, peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ).save_pretrained(ia3)
+    line = failing_cli(capsys, tmp_path, [ia3], "combine", str(ia3), str(adapters[0]))
+    assert "IA3" in line
+    dora = save_adapter(CausalLM, base, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    line = failing_cli(capsys, tmp_path, [dora], "resize", str(dora), "--rank", "2")
+    assert "DoRA" in line and "q_proj" in line
+
+
+def test_bad_extract_and_resize_input(tmp_path, capsys, base, lowrank_tuned, adapters, other_base_adapter):
+    ins = [base, lowrank_tuned]
+    line = failing_cli(capsys, tmp_path, ins, "extract", str(base), str(lowrank_tuned), "--rank", "40")
+    assert "rank 40" in line and "k_proj" in line
+    line = failing_cli(
+        capsys, tmp_path, ins, "extract", str(base), str(lowrank_tuned), "--rank", "2", "--targets", "qq"
+    )
+    assert "qq" in line
+    other = other_base_adapter.parent / "base"
+    line = failing_cli(capsys, tmp_path, [base, other], "extract", str(base), str(other), "--rank", "2")
+    assert "module model.layers.0." in line and "but [32, " in line  # names the module and both shapes
+    line = failing_cli(capsys, tmp_path, adapters, "resize", str(adapters[0]), "--rank", "33")
+    assert "rank 33" in line and "k_proj" in line
+    assert "--rank" in failing_cli(capsys, tmp_path, adapters, "resize", str(adapters[0]))
+    assert "energy" in failing_cli(capsys, tmp_path, adapters, "resize", str(adapters[0]), "--energy", "1.5")
+    (tmp_path / "out").mkdir()
+    assert "already exists" in cli_error(capsys, "resize", str(adapters[0]), "--rank", "2", "-o", str(tmp_path / "out"))
