@@ -369,16 +369,20 @@ def test_extract_from_a_real_fine_tune_reports_exact_energies(tmp_path):
     model.save_pretrained(tuned)
 
     r = lorafast.extract(base, tuned, tmp_path / "out", rank=8, modules_to_save=True, progress=False)
+    converged = lorafast.extract(base, tuned, tmp_path / "c", rank=8, max_iters=20, tol=1e-9, progress=False)
     b, t = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
     assert len(r.modules) == 6 * 6 + 1  # query, key, value, 3 dense per layer, and the pooler
-    for m in r.modules:
+    for m, mc in zip(r.modules, converged.modules):
         d = (t[m.module + ".weight"] - b[m.module + ".weight"]).double()
         if not d.any():  # the pooler is not on the loss's path: unchanged, one zero component
             assert (m.rank, m.energy) == (1, 1.0)
             continue
         s = torch.linalg.svdvals(d)
         exact = float((s[:8] ** 2).sum() / (s**2).sum())
-        assert abs(m.energy - exact) < 2e-3, (m.module, m.energy, exact)
+        # The default (one power iteration) is within 1% of the optimum and never above it (what it
+        # reports is what its factors hold); iterated to convergence it is the exact SVD's energy.
+        assert exact * 0.99 < m.energy < exact + 1e-6, (m.module, m.energy, exact)
+        assert abs(mc.energy - exact) < 2e-4, (m.module, mc.energy, exact)
         assert 0.05 < m.energy < 1
     cfg = json.loads((r.output / "adapter_config.json").read_text())
     assert "embeddings.word_embeddings" in cfg["modules_to_save"]

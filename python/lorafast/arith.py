@@ -156,8 +156,7 @@ def extract(
     overwrite: bool = False,
 ) -> ArithReport:
     """Extract a LoRA adapter from a fine-tuned model: per targeted weight, B A ~ TUNED - BASE by a
-    truncated SVD (randomized subspace iteration, run until the captured energy stops growing by more
-    than ``tol``; exact SVD for small matrices).
+    truncated SVD (randomized subspace iteration; exact SVD for small matrices).
 
     Args:
         base, tuned: checkpoint folders (or Hub ids) with the same tensors.
@@ -167,7 +166,10 @@ def extract(
             embeddings and heads.
         modules_to_save: carry other tensors that changed (norms, heads) whole, as ``modules_to_save``.
         dtype: output float type (default fp32).
-        oversample, tol, max_iters: randomized SVD settings (defaults 16, 1e-4, 8).
+        oversample, tol, max_iters: randomized SVD settings: extra columns (8), and power iterations
+            (at most ``max_iters``, default 2, stopping early once one adds less than ``tol`` = 1e-3 of
+            the captured energy). Two are within 1% of the exact SVD's energy on
+            fine-tune differences; raise ``max_iters`` for flat spectra.
 
     Returns:
         An :class:`ArithReport` whose ``modules`` give each module's captured energy share.
@@ -217,6 +219,13 @@ def resize(
         "resize",
         progress,
         lambda bar: _core.resize(
-            path, os.fspath(out), rank=rank, energy=energy, dtype=dtype, threads=threads, overwrite=overwrite, progress=bar
+            path,
+            os.fspath(out),
+            rank=rank,
+            energy=energy,
+            dtype=dtype,
+            threads=threads,
+            overwrite=overwrite,
+            progress=bar,
         ),
     )

@@ -119,6 +119,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         modules_to_save=args.modules_to_save,
         dtype=args.dtype,
         tol=args.tol,
+        max_iters=args.power_iters,
         threads=args.threads,
         progress=not args.quiet,
         overwrite=args.overwrite,
@@ -411,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated module names or suffixes (default: every linear layer but embeddings and heads)",
     )
     x.add_argument("--modules-to-save", action="store_true", help="carry other changed modules (norms, heads) whole")
-    x.add_argument("--tol", type=float, help="randomized SVD stops when an iteration adds less energy (1e-4)")
+    x.add_argument("--power-iters", type=int, help="randomized SVD power iterations at most (default 2)")
+    x.add_argument("--tol", type=float, help="stop iterating when one adds less than this energy share (1e-3)")
     _common_output_options(x, "output float dtype (default fp32)")
     x.set_defaults(func=_cmd_extract)
 

@@ -172,33 +172,103 @@ fn targets(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Resu
     Ok((out, all_modules))
 }
 
-fn read(ck: &Checkpoint, name: &str) -> Result<Vec<f32>> {
-    let (shard, _) = ck.get(name).expect("checked");
-    ck.shards[shard].read_f32(name)
+/// Per-thread buffers, reused from module to module: fresh 100 MB allocations per weight would cost
+/// more in page faults than the SVD itself.
+#[derive(Default)]
+struct Scratch {
+    d: Vec<f32>,
+    transposed: Vec<f32>,
+    raw: [Vec<u16>; 2],
+    wide: [Vec<f32>; 2],
 }
 
-fn extract_module(base: &Checkpoint, tuned: &Checkpoint, t: &Target, opts: &ExtractOptions) -> Result<(Factors, f64)> {
-    let mut d = read(tuned, &t.weight)?;
-    let b = read(base, &t.weight)?;
-    d.iter_mut().zip(&b).for_each(|(x, y)| *x -= y);
-    drop(b);
-    if t.conv1d {
+const CHUNK: usize = 1 << 18;
+
+/// Read `count` values of `entry` from `start` as f32 into `out`.
+fn read_f32_chunk(
+    ck: &Checkpoint,
+    entry: &TensorEntry,
+    start: usize,
+    raw: &mut Vec<u16>,
+    out: &mut [f32],
+) -> Result<()> {
+    let (shard, _) = ck.get(&entry.name).expect("checked");
+    let ft = entry.float_type().expect("float weights only");
+    let size = ft.size();
+    raw.resize(out.len() * size / 2, 0);
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(raw.as_mut_slice());
+    ck.shards[shard].read_bytes(entry, (start * size) as u64, bytes)?;
+    match ft {
+        FloatType::F32 => ft.decode(bytes, out),
+        _ => ft.decode_u16(raw, out),
+    }
+    Ok(())
+}
+
+/// d = TUNED - BASE in f32, chunk by chunk; returns ||d||_F^2.
+fn difference(base: &Checkpoint, tuned: &Checkpoint, name: &str, s: &mut Scratch) -> Result<f64> {
+    let (_, eb) = base.get(name).expect("checked");
+    let (_, et) = tuned.get(name).expect("checked");
+    let n = eb.numel();
+    s.d.resize(n, 0.0);
+    let mut energy = 0f64;
+    for start in (0..n).step_by(CHUNK) {
+        let len = CHUNK.min(n - start);
+        let [rb, rt] = &mut s.raw;
+        let [wb, wt] = &mut s.wide;
+        wb.resize(len, 0.0);
+        wt.resize(len, 0.0);
+        read_f32_chunk(base, eb, start, rb, &mut wb[..len])?;
+        read_f32_chunk(tuned, et, start, rt, &mut wt[..len])?;
+        let out = &mut s.d[start..start + len];
+        for ((o, t), b) in out.iter_mut().zip(&wt[..len]).zip(&wb[..len]) {
+            *o = t - b;
+        }
+        energy += sum_squares(out);
+    }
+    Ok(energy)
+}
+
+/// Sum of squares in f64 with eight independent accumulators (one serial chain would be latency-bound).
+fn sum_squares(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|v| (*v as f64) * (*v as f64)).sum();
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += (*v as f64) * (*v as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+fn extract_module(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    t: &Target,
+    opts: &ExtractOptions,
+    s: &mut Scratch,
+) -> Result<(Factors, f64)> {
+    let total = difference(base, tuned, &t.weight, s)?;
+    let d = if t.conv1d {
         // Conv1D stores (in, out); LoRA works on (out, in).
-        let mut tr = vec![0f32; d.len()];
+        s.transposed.resize(s.d.len(), 0.0);
         for i in 0..t.cols {
             for j in 0..t.rows {
-                tr[j * t.cols + i] = d[i * t.rows + j];
+                s.transposed[j * t.cols + i] = s.d[i * t.rows + j];
             }
         }
-        d = tr;
-    }
-    if let Some(i) = d.iter().position(|v| !v.is_finite()) {
+        &s.transposed
+    } else {
+        &s.d
+    };
+    if !total.is_finite() {
+        let i = d.iter().position(|v| !v.is_finite()).unwrap_or(0);
         return Err(Error::NonFinite {
             tensor: t.weight.clone(),
             reason: format!("the difference is not finite at element {i}"),
         });
     }
-    let total: f64 = d.iter().map(|v| (*v as f64) * (*v as f64)).sum();
     if total == 0.0 {
         let k = 1;
         return Ok((
@@ -212,7 +282,7 @@ fn extract_module(base: &Checkpoint, tuned: &Checkpoint, t: &Target, opts: &Extr
     }
     let seed = tensor_seed(0, &t.module, "extract", 0);
     let dense = Dense {
-        values: &d,
+        values: d,
         rows: t.rows,
         cols: t.cols,
         total_energy: total,
@@ -285,11 +355,11 @@ pub fn extract(
     let results: Vec<(Factors, f64)> = pool.install(|| {
         targets
             .par_iter()
-            .map(|t| {
+            .map_init(Scratch::default, |scratch, t| {
                 if progress.cancelled() {
                     return Err(Error::Interrupted);
                 }
-                let r = extract_module(&base_ck, &tuned_ck, t, opts)?;
+                let r = extract_module(&base_ck, &tuned_ck, t, opts, scratch)?;
                 progress.advance(&t.module, (t.rows * t.cols) as u64);
                 Ok(r)
             })

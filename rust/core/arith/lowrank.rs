@@ -66,18 +66,21 @@ pub fn svd_of_product(b: &[f32], a: &[f32], m: usize, r: usize, n: usize, what: 
 pub struct RandomizedOptions {
     /// Extra columns beyond the rank asked for.
     pub oversample: usize,
-    /// Stop when one more power iteration adds less than this share of the captured energy...
+    /// Stop when a power iteration adds less than this share of the captured energy...
     pub tol: f64,
-    /// ...or after this many.
+    /// ...or after this many power iterations.
     pub max_iters: usize,
 }
 
 impl Default for RandomizedOptions {
+    /// Two power iterations with 8 extra columns: within 1% of the exact SVD's energy on the flat
+    /// spectra of short fine-tunes, within 0.01% on decaying ones, and above torch.svd_lowrank(q=r,
+    /// niter=2) at a fraction of its time (benches/bench_arith.py).
     fn default() -> Self {
         RandomizedOptions {
-            oversample: 16,
-            tol: 1e-4,
-            max_iters: 8,
+            oversample: 8,
+            tol: 1e-3,
+            max_iters: 2,
         }
     }
 }
