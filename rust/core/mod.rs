@@ -5,6 +5,7 @@ pub mod dtype;
 pub mod error;
 pub mod inspect;
 pub mod io;
+pub mod layers;
 pub mod linalg;
 pub mod merge;
 pub mod peft;

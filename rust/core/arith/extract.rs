@@ -16,6 +16,7 @@ use crate::core::checkpoint::{Checkpoint, Staging};
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::TensorEntry;
+use crate::core::layers::{is_embedding_or_output, leaf, EMBEDDINGS, HEADS};
 use crate::core::merge::is_conv1d;
 use crate::core::peft::LayerKind;
 use crate::core::pool;
@@ -52,30 +53,6 @@ impl Default for ExtractOptions {
     }
 }
 
-/// Layers that are not plain linear maps, and output heads (PEFT's all-linear leaves the head out).
-const NOT_LINEAR: [&str; 16] = [
-    "embed_tokens",
-    "wte",
-    "wpe",
-    "shared",
-    "word_embeddings",
-    "position_embeddings",
-    "token_type_embeddings",
-    "embed_positions",
-    "embed_in",
-    "lm_head",
-    "embed_out",
-    "output",
-    "score",
-    "classifier",
-    "qa_outputs",
-    "out_proj_head",
-];
-
-fn is_embedding(leaf: &str) -> bool {
-    leaf.contains("embed") || NOT_LINEAR[..9].contains(&leaf)
-}
-
 struct Target {
     module: String,
     weight: String,
@@ -83,10 +60,6 @@ struct Target {
     /// LoRA layout (out, in).
     rows: usize,
     cols: usize,
-}
-
-fn leaf(module: &str) -> &str {
-    module.rsplit('.').next().unwrap_or(module)
 }
 
 fn matches(module: &str, name: &str) -> bool {
@@ -105,7 +78,10 @@ fn targets(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Resu
         .collect();
     let all_modules: Vec<String> = linear.iter().map(|(_, m)| m.to_string()).collect();
     let chosen: Vec<&(&TensorEntry, &str)> = match &opts.targets {
-        None => linear.iter().filter(|(_, m)| !NOT_LINEAR.contains(&leaf(m))).collect(),
+        None => linear
+            .iter()
+            .filter(|(_, m)| !is_embedding_or_output(leaf(m)) && !HEADS.contains(&leaf(m)))
+            .collect(),
         Some(names) => {
             for name in names {
                 if !linear.iter().any(|(_, m)| matches(m, name)) {
@@ -123,7 +99,7 @@ fn targets(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Resu
     };
     let mut out = Vec::new();
     for (t, module) in chosen {
-        if is_embedding(leaf(module)) {
+        if EMBEDDINGS.contains(&leaf(module)) || leaf(module).contains("embed") {
             return Err(Error::unsupported(
                 &base.dir,
                 format!("module {module}: extract makes LoRA for linear layers; an embedding goes to modules_to_save"),

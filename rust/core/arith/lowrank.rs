@@ -134,22 +134,22 @@ pub fn dense_svd(d: Dense<'_>, k: usize, opts: &RandomizedOptions, seed: u32, wh
         let qy32 = to_f32(qy.as_ref());
         // z = D^T Q = B^T, where B = Q^T D is the projection of D onto span(Q).
         matmul(z.as_mut(), Accum::Replace, dm.transpose(), qy32.as_ref(), 1.0, Par::Seq);
-        let zt = to_f64(z.as_ref());
-        let (vz, s, uz) = thin_svd(zt.as_ref(), what)?;
+        // Z = Q_z R_z: the singular values of Z are those of the small R_z, and Q_z is the next basis.
+        let (qz, rz) = thin_qr(to_f64(z.as_ref()).as_ref());
+        let (ur, s, vr) = thin_svd(rz.as_ref(), what)?;
         let captured: f64 = s.iter().take(k).map(|x| x * x).sum();
         iter += 1;
         let converged = captured - captured_before <= opts.tol * captured;
         if converged || iter > opts.max_iters {
-            // D ~ Q B = Q (V_z S U_z^T)^T = (Q U_z) S V_z^T.
+            // D ~ Q B = Q Z^T = Q (Q_z U_r S V_r^T)^T = (Q V_r) S (Q_z U_r)^T.
             return Ok(Svd {
-                u: mul(qy.as_ref(), uz.as_ref()),
+                u: mul(qy.as_ref(), vr.as_ref()),
                 s,
-                v: vz,
+                v: mul(qz.as_ref(), ur.as_ref()),
                 total_energy,
             });
         }
         captured_before = captured;
-        let (qz, _) = thin_qr(zt.as_ref());
         matmul(
             y.as_mut(),
             Accum::Replace,

@@ -22,6 +22,7 @@ use crate::core::checkpoint::{Checkpoint, CheckpointWriter};
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
+use crate::core::layers::{is_embedding_or_output, leaf, HEADS};
 use crate::core::merge::is_conv1d;
 use crate::core::pool;
 use crate::core::progress::Progress;
@@ -62,35 +63,19 @@ fn skipped(module: &str, patterns: &[String]) -> bool {
 
 /// Without transformers at hand: 2-D float weights other than embeddings, output/task heads and skips.
 pub fn heuristic_targets(ck: &Checkpoint, skip: &[String]) -> Vec<(String, bool)> {
-    const NOT_LINEAR: [&str; 12] = [
-        "embed_tokens",
-        "wte",
-        "wpe",
-        "shared",
-        "word_embeddings",
-        "position_embeddings",
-        "token_type_embeddings",
-        "embed_positions",
-        "embed_in",
-        "lm_head",
-        "embed_out",
-        "output",
-    ];
     // transformers leaves "the module of the last parameter" unquantized, but strips only ".weight" from
     // that parameter's name: a head whose last parameter is a bias (BERT's pooler, biased classifiers)
     // is quantized after all. So heads are kept only when they have no bias.
-    const HEADS: [&str; 3] = ["score", "classifier", "qa_outputs"];
     let model_type = ck.model_type();
     ck.entries()
         .filter_map(|(_, t)| {
             let module = t.name.strip_suffix(".weight")?;
-            let leaf = module.rsplit('.').next().unwrap_or(module);
+            let leaf = leaf(module);
             let is_head = HEADS.iter().any(|h| module == *h || module.ends_with(&format!(".{h}")));
             let kept_head = is_head && !ck.contains(&format!("{module}.bias"));
             let quantizable = t.shape.len() == 2
                 && t.float_type().is_some()
-                && !NOT_LINEAR.contains(&leaf)
-                && !leaf.contains("embed")
+                && !is_embedding_or_output(leaf)
                 && !kept_head
                 && !skipped(module, skip);
             quantizable.then(|| (t.name.clone(), is_conv1d(model_type, module)))

@@ -1,0 +1,30 @@
+//! What a module is, told from its name alone (no model code at hand): embeddings, output layers, heads.
+
+/// Embedding tables: lookups, not linear maps.
+pub const EMBEDDINGS: [&str; 9] = [
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "shared",
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "embed_positions",
+    "embed_in",
+];
+
+/// Language-model output layers (often tied to the embedding).
+pub const OUTPUTS: [&str; 3] = ["lm_head", "embed_out", "output"];
+
+/// Task heads trained in full (PEFT's modules_to_save for classification and QA).
+pub const HEADS: [&str; 3] = ["score", "classifier", "qa_outputs"];
+
+/// The last component of a module path.
+pub fn leaf(module: &str) -> &str {
+    module.rsplit('.').next().unwrap_or(module)
+}
+
+/// An embedding table, or an output layer, by its leaf name.
+pub fn is_embedding_or_output(leaf: &str) -> bool {
+    EMBEDDINGS.contains(&leaf) || OUTPUTS.contains(&leaf) || leaf.contains("embed")
+}
