@@ -17,8 +17,8 @@ use serde_json::Value;
 use super::lowrank::{dense_svd, svd_of_product, Dense, Factors, RandomizedOptions};
 use super::merge_fns::{MajoritySign, MergeFn, Prune};
 use super::{
-    check_plain_lora, check_rank, copy_side_files, lora_tensors, raw_tensor, read_factors, set_ranks, tensor_seed,
-    write_adapter, ArithReport, ModuleReport, OutTensor, KEY_PREFIX,
+    check_plain_lora, check_rank, copy_side_files, lora_outputs, raw_tensor, read_factors, set_ranks, tensor_seed,
+    write_adapter, ArithReport, OutTensor, KEY_PREFIX,
 };
 use crate::core::checkpoint::Staging;
 use crate::core::dtype::FloatType;
@@ -571,16 +571,12 @@ pub fn combine(
             })
             .collect::<Result<_>>()
     })?;
-    let mut tensors = Vec::new();
-    let mut reports = Vec::new();
-    for (job, (f, energy)) in jobs.iter().zip(results) {
-        tensors.extend(lora_tensors(&job.module, job.kind, opts.dtype, &f.a, &f.b, f.rank));
-        reports.push(ModuleReport {
-            module: job.module.clone(),
-            rank: f.rank,
-            energy,
-        });
-    }
+    let (mut tensors, reports) = lora_outputs(
+        jobs.iter()
+            .zip(results)
+            .map(|(j, (f, e))| (j.module.as_str(), j.kind, f, e)),
+        opts.dtype,
+    );
     let saved_count = saved.len();
     tensors.extend(saved);
     copy_side_files(&opened[0].dir, &staging.tmp)?;

@@ -9,9 +9,7 @@ use serde_json::{json, Value};
 
 use super::lowrank::{dense_svd, Dense, Factors, RandomizedOptions};
 use super::resize::check_energy;
-use super::{
-    check_rank, lora_tensors, raw_tensor, set_ranks, tensor_seed, write_adapter, ArithReport, ModuleReport, KEY_PREFIX,
-};
+use super::{check_rank, lora_outputs, raw_tensor, set_ranks, tensor_seed, write_adapter, ArithReport, KEY_PREFIX};
 use crate::core::checkpoint::{Checkpoint, Staging};
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
@@ -388,23 +386,13 @@ pub fn extract(
         ));
     }
 
-    let mut tensors = Vec::new();
-    let mut reports = Vec::new();
-    for (t, (f, energy)) in targets.iter().zip(results) {
-        tensors.extend(lora_tensors(
-            &t.module,
-            LayerKind::Linear,
-            opts.dtype,
-            &f.a,
-            &f.b,
-            f.rank,
-        ));
-        reports.push(ModuleReport {
-            module: t.module.clone(),
-            rank: f.rank,
-            energy: Some(energy),
-        });
-    }
+    let (mut tensors, reports) = lora_outputs(
+        targets
+            .iter()
+            .zip(results)
+            .map(|(t, (f, e))| (t.module.as_str(), LayerKind::Linear, f, Some(e))),
+        opts.dtype,
+    );
     let saved_count = saved.len();
     tensors.extend(saved);
 

@@ -17,6 +17,7 @@ use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
 use crate::core::peft::{Adapter, LayerKind, LoraModule, CONFIG_NAME, WEIGHTS_NAME};
+use lowrank::Factors;
 
 pub use combine::{combine, CombineOptions, Method};
 pub use extract::{extract, ExtractOptions};
@@ -91,14 +92,26 @@ pub fn lora_keys(module: &str, kind: LayerKind) -> (String, String) {
     }
 }
 
-/// The two LoRA tensors of a module: A (r, in) and B (out, r) as written in LoRA layout.
-pub fn lora_tensors(module: &str, kind: LayerKind, t: FloatType, a: &[f32], b: &[f32], r: usize) -> [OutTensor; 2] {
-    let (ka, kb) = lora_keys(module, kind);
-    let (n_in, n_out) = (a.len() / r.max(1), b.len() / r.max(1));
-    [
-        OutTensor::float(ka, t, vec![r, n_in], a),
-        OutTensor::float(kb, t, vec![n_out, r], b),
-    ]
+/// The LoRA tensors of every written module (A (r, in) and B (out, r), in `t`) and their reports.
+pub fn lora_outputs<'a>(
+    modules: impl Iterator<Item = (&'a str, LayerKind, Factors, Option<f64>)>,
+    t: FloatType,
+) -> (Vec<OutTensor>, Vec<ModuleReport>) {
+    let mut tensors = Vec::new();
+    let mut reports = Vec::new();
+    for (module, kind, f, energy) in modules {
+        let (ka, kb) = lora_keys(module, kind);
+        let r = f.rank;
+        let (n_in, n_out) = (f.a.len() / r.max(1), f.b.len() / r.max(1));
+        tensors.push(OutTensor::float(ka, t, vec![r, n_in], &f.a));
+        tensors.push(OutTensor::float(kb, t, vec![n_out, r], &f.b));
+        reports.push(ModuleReport {
+            module: module.to_string(),
+            rank: r,
+            energy,
+        });
+    }
+    (tensors, reports)
 }
 
 /// A module's factors as f32: (A (r x in), B (out x r)).

@@ -7,8 +7,8 @@ use rayon::prelude::*;
 
 use super::lowrank::{svd_of_product, Factors};
 use super::{
-    check_plain_lora, check_rank, copy_side_files, lora_tensors, raw_tensor, read_factors, set_ranks, write_adapter,
-    ArithReport, ModuleReport,
+    check_plain_lora, check_rank, copy_side_files, lora_outputs, raw_tensor, read_factors, set_ranks, write_adapter,
+    ArithReport,
 };
 use crate::core::checkpoint::Staging;
 use crate::core::dtype::FloatType;
@@ -91,16 +91,13 @@ pub fn resize(adapter: &Path, out: &Path, opts: &ResizeOptions, progress: &dyn P
             })
             .collect::<Result<_>>()
     })?;
-    let mut tensors = Vec::new();
-    let mut reports = Vec::new();
-    for (m, (f, energy)) in ad.modules.iter().zip(results) {
-        tensors.extend(lora_tensors(&m.module, m.kind, dtype, &f.a, &f.b, f.rank));
-        reports.push(ModuleReport {
-            module: m.module.clone(),
-            rank: f.rank,
-            energy: Some(energy),
-        });
-    }
+    let (mut tensors, reports) = lora_outputs(
+        ad.modules
+            .iter()
+            .zip(results)
+            .map(|(m, (f, e))| (m.module.as_str(), m.kind, f, Some(e))),
+        dtype,
+    );
     for s in &ad.saved {
         tensors.push(raw_tensor(
             &ad.file,
