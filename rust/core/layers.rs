@@ -24,7 +24,12 @@ pub fn leaf(module: &str) -> &str {
     module.rsplit('.').next().unwrap_or(module)
 }
 
+/// An embedding table, by its leaf name.
+pub fn is_embedding(leaf: &str) -> bool {
+    EMBEDDINGS.contains(&leaf) || leaf.contains("embed")
+}
+
 /// An embedding table, or an output layer, by its leaf name.
 pub fn is_embedding_or_output(leaf: &str) -> bool {
-    EMBEDDINGS.contains(&leaf) || OUTPUTS.contains(&leaf) || leaf.contains("embed")
+    is_embedding(leaf) || OUTPUTS.contains(&leaf)
 }

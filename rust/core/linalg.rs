@@ -9,6 +9,20 @@ pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) 
     matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
 }
 
+/// Row-major blocks of `rows` rows placed side by side in a `rows x width` matrix; columns past the
+/// blocks stay zero. `blocks` holds (columns, values) pairs.
+pub fn hstack(blocks: &[(usize, &[f32])], rows: usize, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * width];
+    let mut col = 0;
+    for &(cols, values) in blocks {
+        for i in 0..rows {
+            out[i * width + col..i * width + col + cols].copy_from_slice(&values[i * cols..(i + 1) * cols]);
+        }
+        col += cols;
+    }
+    out
+}
+
 /// ||B @ A||_F without forming the product: sqrt(sum((B^T B) .* (A A^T))), in f64.
 /// `a` is (r x n) row-major and `b` is (m x r) row-major.
 pub fn lowrank_frobenius(a: &[f32], b: &[f32], r: usize) -> f64 {
@@ -59,5 +73,14 @@ mod tests {
         // The product itself: one element by hand.
         let e: f32 = (0..r).map(|k| b[k] * a[k * n]).sum();
         assert!((dense[0] - e).abs() < 1e-6);
+    }
+
+    #[test]
+    fn hstack_places_blocks_and_zero_fills() {
+        let (x, y) = ([1.0, 2.0], [3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(
+            hstack(&[(1, &x), (2, &y)], 2, 4),
+            vec![1.0, 3.0, 4.0, 0.0, 2.0, 5.0, 6.0, 0.0]
+        );
     }
 }

@@ -17,7 +17,7 @@ use crate::core::checkpoint::{Checkpoint, CheckpointWriter};
 use crate::core::dtype::{simd, FloatType};
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
-use crate::core::linalg::matmul_into;
+use crate::core::linalg::{hstack, matmul_into};
 use crate::core::peft::{Adapter, LayerKind};
 use crate::core::pool;
 use crate::core::progress::Progress;
@@ -755,14 +755,8 @@ fn load_factors(adapters: &[Adapter], parts: &[Part]) -> Result<Factors> {
         b_parts.push((file.get(&p.b).expect("listed").shape[1], file.read_f32(&p.b)?));
     }
     let out = b_parts[0].1.len() / b_parts[0].0;
-    let mut b = vec![0f32; out * rank];
-    let mut col = 0;
-    for (r, pb) in &b_parts {
-        for row in 0..out {
-            b[row * rank + col..row * rank + col + r].copy_from_slice(&pb[row * r..(row + 1) * r]);
-        }
-        col += r;
-    }
+    let blocks: Vec<(usize, &[f32])> = b_parts.iter().map(|(r, pb)| (*r, pb.as_slice())).collect();
+    let b = hstack(&blocks, out, rank);
     Ok(Factors { a, b, rank })
 }
 

@@ -23,7 +23,7 @@ use super::{
 use crate::core::checkpoint::Staging;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
-use crate::core::linalg::matmul_into;
+use crate::core::linalg::{hstack, matmul_into};
 use crate::core::peft::{Adapter, LayerKind, LoraModule, CONFIG_NAME};
 use crate::core::pool;
 use crate::core::progress::Progress;
@@ -295,19 +295,37 @@ fn jobs<'a>(adapters: &'a [Adapter]) -> Result<Vec<Job<'a>>> {
     Ok(by_module.into_values().collect())
 }
 
-/// Zero-pad factors of rank `r` to `pad` (PEFT writes them into a zeroed adapter of the new rank).
-fn pad(a: Vec<f32>, b: Vec<f32>, r: usize, to: usize) -> Factors {
+/// Zero-pad factors of rank `r` to `to` (PEFT writes them into a zeroed adapter of the new rank).
+fn pad(mut a: Vec<f32>, b: Vec<f32>, r: usize, to: usize) -> Factors {
     if r == to {
         return Factors { b, a, rank: r };
     }
     let (cols, rows) = (a.len() / r.max(1), b.len() / r.max(1));
-    let mut a = a;
     a.resize(to * cols, 0.0);
-    let mut padded = vec![0f32; rows * to];
-    for i in 0..rows {
-        padded[i * to..i * to + r].copy_from_slice(&b[i * r..(i + 1) * r]);
+    let b = hstack(&[(r, &b)], rows, to);
+    Factors { b, a, rank: to }
+}
+
+/// The parts' factors stacked: A_i times x_i then y_i (`scales(part)` = (x_i, y_i), two f32 roundings)
+/// one under the other, B_i side by side, so that B @ A = sum_i B_i (A_i x_i y_i). Returns (A, B, rank).
+fn stack(
+    job: &Job,
+    loaded: &[(Vec<f32>, Vec<f32>)],
+    scales: impl Fn(&Part) -> (f32, f32),
+) -> (Vec<f32>, Vec<f32>, usize) {
+    let r_sum: usize = job.parts.iter().map(|p| p.module.r).sum();
+    let mut a = Vec::with_capacity(r_sum * job.cols);
+    for (p, (pa, _)) in job.parts.iter().zip(loaded) {
+        let (x, y) = scales(p);
+        a.extend(pa.iter().map(|v| (v * x) * y));
     }
-    Factors { b: padded, a, rank: to }
+    let blocks: Vec<(usize, &[f32])> = job
+        .parts
+        .iter()
+        .zip(loaded)
+        .map(|(p, (_, pb))| (p.module.r, pb.as_slice()))
+        .collect();
+    (a, hstack(&blocks, job.rows, r_sum), r_sum)
 }
 
 /// torch.quantile(x, q) with linear interpolation.
@@ -330,19 +348,7 @@ fn combine_module(job: &Job, method: Method, opts: &CombineOptions, rank: usize)
     let (m, n) = (job.rows, job.cols);
     if method == Method::Cat {
         // A_i * weight * scaling (two f32 roundings, as torch does), stacked; B_i side by side.
-        let r_sum: usize = job.parts.iter().map(|p| p.module.r).sum();
-        let mut a = Vec::with_capacity(r_sum * n);
-        let mut b = vec![0f32; m * r_sum];
-        let mut col = 0;
-        for (p, (pa, pb)) in job.parts.iter().zip(&loaded) {
-            let (w, s) = (weight(p) as f32, scaling(p) as f32);
-            a.extend(pa.iter().map(|v| (v * w) * s));
-            let r = p.module.r;
-            for i in 0..m {
-                b[i * r_sum + col..i * r_sum + col + r].copy_from_slice(&pb[i * r..(i + 1) * r]);
-            }
-            col += r;
-        }
+        let (a, b, r_sum) = stack(job, &loaded, |p| (weight(p) as f32, scaling(p) as f32));
         return Ok((pad(a, b, r_sum, rank), None));
     }
     let merge_fn = MergeFn {
@@ -383,19 +389,7 @@ fn combine_module(job: &Job, method: Method, opts: &CombineOptions, rank: usize)
     check_rank(&job.module, rank, m, n)?;
     let svd = if method == Method::Svd {
         // Sum w_i (s_i B_i A_i) is the product of the stacked factors: its SVD needs no dense delta.
-        let r_sum: usize = job.parts.iter().map(|p| p.module.r).sum();
-        let mut a = Vec::with_capacity(r_sum * n);
-        let mut b = vec![0f32; m * r_sum];
-        let mut col = 0;
-        for (p, (pa, pb)) in job.parts.iter().zip(&loaded) {
-            let c = (weight(p) * scaling(p)) as f32;
-            a.extend(pa.iter().map(|v| v * c));
-            let r = p.module.r;
-            for i in 0..m {
-                b[i * r_sum + col..i * r_sum + col + r].copy_from_slice(&pb[i * r..(i + 1) * r]);
-            }
-            col += r;
-        }
+        let (a, b, r_sum) = stack(job, &loaded, |p| ((weight(p) * scaling(p)) as f32, 1.0));
         svd_of_product(&b, &a, m, r_sum, n, &job.module)?
     } else {
         // Dense deltas (B @ A) * scaling, pruned and mixed with the plain weights, then a truncated SVD.

@@ -14,7 +14,7 @@ use crate::core::checkpoint::{Checkpoint, Staging};
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::TensorEntry;
-use crate::core::layers::{is_embedding_or_output, leaf, EMBEDDINGS, HEADS};
+use crate::core::layers::{is_embedding, is_embedding_or_output, leaf, HEADS};
 use crate::core::merge::is_conv1d;
 use crate::core::peft::LayerKind;
 use crate::core::pool;
@@ -97,7 +97,7 @@ fn targets(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Resu
     };
     let mut out = Vec::new();
     for (t, module) in chosen {
-        if EMBEDDINGS.contains(&leaf(module)) || leaf(module).contains("embed") {
+        if is_embedding(leaf(module)) {
             return Err(Error::unsupported(
                 &base.dir,
                 format!("module {module}: extract makes LoRA for linear layers; an embedding goes to modules_to_save"),

@@ -86,13 +86,6 @@ fn sign(x: f32) -> f32 {
 }
 
 impl MergeFn {
-    pub const LINEAR: MergeFn = MergeFn {
-        prune: Prune::None,
-        ties: false,
-        density: 1.0,
-        majority: MajoritySign::Total,
-    };
-
     /// Mix same-shape `tensors` (consumed) with f32 `weights`; `seeds[i]` drives tensor i's DARE mask.
     pub fn apply(&self, mut tensors: Vec<Vec<f32>>, weights: &[f32], seeds: &[u32]) -> Vec<f32> {
         if self.density < 1.0 {

@@ -77,7 +77,9 @@ pub fn resize(adapter: &Path, out: &Path, opts: &ResizeOptions, progress: &dyn P
             .unwrap_or(FloatType::F32),
     };
     let pool = pool::build(opts.threads)?;
-    progress.start(ad.modules.len() as u64);
+    // Progress in bytes of the factors read, the unit every other call reports in.
+    let factor_bytes = |m: &LoraModule| (m.r * (m.a_shape[1] + m.b_shape[0]) * 4) as u64;
+    progress.start(ad.modules.iter().map(factor_bytes).sum());
     let results: Vec<(Factors, f64)> = pool.install(|| {
         ad.modules
             .par_iter()
@@ -86,7 +88,7 @@ pub fn resize(adapter: &Path, out: &Path, opts: &ResizeOptions, progress: &dyn P
                     return Err(Error::Interrupted);
                 }
                 let r = resize_module(&ad, m, opts)?;
-                progress.advance(&m.module, 1);
+                progress.advance(&m.module, factor_bytes(m));
                 Ok(r)
             })
             .collect::<Result<_>>()
