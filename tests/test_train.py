@@ -52,6 +52,7 @@ def minilm_data(tmp_path_factory):
     return sentiment(d / "train.jsonl", 160, 0), sentiment(d / "dev.jsonl", 60, 1)
 
 
+@pytest.mark.slow
 def test_minilm_sentiment_reaches_accuracy_and_adapter_reloads(tmp_path, minilm_data):
     train_file, dev_file = minilm_data
     r = train(
@@ -88,11 +89,16 @@ def test_minilm_sentiment_reaches_accuracy_and_adapter_reloads(tmp_path, minilm_
     rows = [json.loads(x) for x in dev_file.read_text().splitlines()]
     with torch.no_grad():
         enc = tok([x["text"] for x in rows], padding=True, return_tensors="pt", truncation=True, max_length=32)
-        pred = model(**enc).logits.argmax(-1).tolist()
+        logits = model(**enc).logits
+    pred = logits.argmax(-1).tolist()
     acc = sum(p == x["label"] for p, x in zip(pred, rows)) / len(rows)
-    assert acc == pytest.approx(s["eval"]["accuracy"])
+    # Training evaluated in batches of 16, this in one batch: the fp32 logits differ by rounding only, so
+    # predictions can differ only where the two logits are that close (never here in practice).
+    close = int(((logits[:, 0] - logits[:, 1]).abs() < 1e-3).sum())
+    assert abs(acc - s["eval"]["accuracy"]) <= close / len(rows) + 1e-12, (acc, s["eval"], close)
 
 
+@pytest.mark.slow
 def test_gpt2_r8_c_attn_trainable_count_matches_peft(tmp_path):
     """GPT-2 (base size, random weights) with r=8 on c_attn: PEFT counts 294,912 trainable parameters."""
     base = save_model(
@@ -119,6 +125,7 @@ def test_gpt2_r8_c_attn_trainable_count_matches_peft(tmp_path):
     assert r.summary["trainable_parameters"] == 294_912
 
 
+@pytest.mark.slow
 def test_causal_lm_instruction_tuning_loss_goes_down(tmp_path):
     base = save_model(
         transformers.LlamaForCausalLM, tiny_llama_config(vocab_size=30522), tmp_path / "llama", torch.float32
@@ -176,6 +183,7 @@ def test_bad_input_fails_before_training(tmp_path, minilm_data, capsys):
         train(model=m, data=str(train_file), out=str(tmp_path / "o"), targets="nope", progress=False)
 
 
+@pytest.mark.slow
 def test_several_adapters_on_one_base_and_predict(tmp_path, minilm_data, capsys):
     import lorafast
 
@@ -260,6 +268,7 @@ def test_verify_passes_on_a_good_merge_and_fails_on_a_corrupted_one(tmp_path, ca
     assert len(err) == 1 and "differs from base + adapter" in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,spec", [("ranks", ["--ranks", "2,8"]), ("modules", ["--module-sets", "query;query,value"])]
 )
@@ -354,6 +363,7 @@ def test_qlora_on_the_cpu_quantizes_once_and_trains(tmp_path, monkeypatch):
     assert (cached[0] / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_share_the_data(tmp_path, minilm_data):
     """Distributed data parallel over two CPU processes (torchrun, as `accelerate launch --multi_gpu` uses):
     each process sees half of the batches, the main process evaluates, logs and saves once."""
@@ -371,10 +381,9 @@ def test_two_cpu_processes_share_the_data(tmp_path, minilm_data):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free local port for the rendezvous: no clash with other runs on the machine
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29531",
         str(script),
         str(tmp_path / "ddp"),
     ]
@@ -387,6 +396,7 @@ def test_two_cpu_processes_share_the_data(tmp_path, minilm_data):
     assert len(evals) == 1 and (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_csv_and_parquet_data_and_lora_options(tmp_path, minilm_data):
     """CSV and parquet data; rsLoRA, a rank pattern and a non-default init reach the saved adapter config."""
     import csv
@@ -496,5 +506,5 @@ def test_causal_lm_predictions_and_qlora_without_bitsandbytes(tmp_path, monkeypa
     targeted = set(json.loads((r.adapter / "adapter_config.json").read_text())["target_modules"])
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targeted  # all-linear
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
-    with pytest.raises(errors.InvalidArgumentError, match="--qlora needs bitsandbytes"):
+    with pytest.raises(errors.MissingDependencyError, match="needs bitsandbytes"):
         train(model=str(base), data=str(data), out=str(tmp_path / "q"), task="causal-lm", qlora=True, progress=False)

@@ -1,4 +1,5 @@
 from os import PathLike
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -13,6 +14,7 @@ __all__ = [
     "combine",
     "extract",
     "resize",
+    "check_output",
     "inspect_checkpoint",
     "inspect_adapter",
     "quantize_4bit",
@@ -80,6 +82,7 @@ def resize(
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
 ) -> dict[str, Any]: ...
+def check_output(out: _Path, inputs: Sequence[_Path], *, overwrite: bool = False) -> Path: ...
 def inspect_checkpoint(path: _Path) -> dict[str, Any]: ...
 def inspect_adapter(path: _Path) -> dict[str, Any]: ...
 def quantize_4bit(

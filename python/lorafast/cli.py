@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lorafast import __version__
+from lorafast._deps import INFERENCE, TRAINING, require
 from lorafast.arith import METHODS
 from lorafast.errors import LorafastError
 
@@ -61,6 +62,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _print_arith(verb: str, r, args: argparse.Namespace) -> None:
     for w in r.warnings:
         print(f"lorafast: warning: {w}", file=sys.stderr)
+    if args.report:
+        modules = [{"module": m.module, "rank": m.rank, "energy": m.energy} for m in r.modules]
+        report = {"output": str(r.output), "seconds": r.seconds, "modules": modules, "warnings": r.warnings}
+        Path(args.report).write_text(json.dumps(report, indent=2))
     if args.quiet:
         return
     ranks = sorted({m.rank for m in r.modules})
@@ -153,10 +158,13 @@ def _common_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     p.add_argument("--threads", type=int, help="worker threads (default: LORAFAST_NUM_THREADS or all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("-v", "--verbose", action="store_true", help="list every module's rank and energy")
+    p.add_argument("--report", type=Path, metavar="FILE.json", help="write each module's rank and energy here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    if args.plan == "transformers":
+        require("lorafast quantize --plan transformers", "torch", "transformers")
     from lorafast.quant import quantize
 
     r = quantize(
@@ -196,6 +204,7 @@ def _cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    require("lorafast train", *TRAINING, *(["bitsandbytes"] if args.qlora else []))
     from lorafast.train import TrainConfig, train
 
     rank_pattern = {}
@@ -243,6 +252,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    require("lorafast verify", *INFERENCE)
     from lorafast.train.multi import verify
 
     r = verify(args.base, args.adapter, args.merged, tolerance=args.tolerance)
@@ -254,6 +264,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    require("lorafast predict", *INFERENCE)
     import transformers
 
     from lorafast.train.data import read_records
@@ -287,6 +298,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
+    qlora = ["bitsandbytes"] if "--qlora" in args.train_args else []
+    require("lorafast experiment", *TRAINING, "matplotlib", *qlora)
     from lorafast.train.experiment import run
 
     if args.kind == "ranks":

@@ -39,6 +39,10 @@ class InvalidArgumentError(LorafastError, ValueError):
     """A bad argument: weights count, dtype name, thread count..."""
 
 
+class MissingDependencyError(LorafastError, ImportError):
+    """An optional package a command needs (torch, transformers, peft, bitsandbytes, matplotlib) is missing."""
+
+
 class FileMissingError(LorafastError, FileNotFoundError):
     """An input file or folder does not exist."""
 
@@ -60,6 +64,7 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "InvalidArgumentError",
+    "MissingDependencyError",
     "FileMissingError",
     "FilePermissionError",
     "LorafastIOError",

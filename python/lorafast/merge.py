@@ -136,6 +136,7 @@ def merge(
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     base = resolve_model_path(base)
+    adapters = [resolve_model_path(a) for a in adapters]
     if is_4bit_checkpoint(base):
         return _merge_into_4bit(
             base,
@@ -175,7 +176,7 @@ def _merge_files(
     try:
         raw = _core.merge(
             base,
-            [resolve_model_path(a) for a in adapters],
+            [os.fspath(a) for a in adapters],
             os.fspath(out),
             weights=None if weights is None else [float(w) for w in weights],
             dtype=dtype,
@@ -242,12 +243,11 @@ def _merge_into_4bit(base: str, adapters, out: PathLike, requantize: bool, **kw)
     import shutil
     import tempfile
 
-    from lorafast.errors import OutputError
     from lorafast.quant import dequantize, quantize
 
     out = Path(os.fspath(out))
-    if out.exists() and not kw.get("overwrite"):
-        raise OutputError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    # The engine's guard, on the real inputs: the steps below only see temporary copies.
+    _core.check_output(os.fspath(out), [base, *map(os.fspath, adapters)], overwrite=bool(kw.get("overwrite")))
     parent = out.absolute().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lorafast-dequant-", dir=parent))
     threads, progress = kw.get("threads"), kw.get("progress", True)

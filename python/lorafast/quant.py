@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -181,6 +181,7 @@ class QuantizeReport:
     elements_quantized: int
     bytes_written: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def plan_targets(base: PathLike, skip_modules: Optional[Sequence[str]] = None) -> Optional[list[tuple[str, bool]]]:

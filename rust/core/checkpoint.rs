@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
+use crate::core::progress::Progress;
+use crate::core::staging::Staging;
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
@@ -239,6 +241,18 @@ impl CheckpointWriter {
         self.total
     }
 
+    /// Every shard is laid out: check that OUT's filesystem can hold them, then report the total.
+    pub fn start(&self, progress: &dyn Progress) -> Result<()> {
+        self.staging.check_space(self.total)?;
+        progress.start(self.total);
+        Ok(())
+    }
+
+    /// What claiming OUT cleared away (leftovers of killed runs), one line each.
+    pub fn notices(&self) -> Vec<String> {
+        self.staging.notices.clone()
+    }
+
     /// Close the shards, write the index (when `sharded`), copy the side files of `side_files_from`,
     /// run `extra` on the folder, write `config`, then move the folder into place. Returns OUT and the
     /// bytes of its shards.
@@ -311,103 +325,6 @@ pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A temporary folder beside OUT, renamed into place on success and removed on failure.
-pub struct Staging {
-    pub tmp: PathBuf,
-    out: PathBuf,
-    overwrite: bool,
-    committed: bool,
-}
-
-fn absolute(p: &Path) -> Result<PathBuf> {
-    if p.exists() {
-        return p.canonicalize().map_err(|e| Error::io(p, e));
-    }
-    let parent = p
-        .parent()
-        .filter(|x| !x.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let parent = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
-    Ok(parent.join(
-        p.file_name()
-            .ok_or_else(|| Error::InvalidArgument(format!("{}: not a usable output path", p.display())))?,
-    ))
-}
-
-impl Staging {
-    pub fn new(out: &Path, inputs: &[&Path], overwrite: bool) -> Result<Self> {
-        let out_abs = absolute(out)?;
-        for input in inputs {
-            let input = absolute(input)?;
-            if out_abs == input || out_abs.starts_with(&input) || input.starts_with(&out_abs) {
-                return Err(Error::Output {
-                    path: out.to_path_buf(),
-                    reason: format!(
-                        "overlaps the input {}; lorafast never writes into its inputs",
-                        input.display()
-                    ),
-                });
-            }
-        }
-        if out_abs.exists() && !overwrite {
-            return Err(Error::Output {
-                path: out.to_path_buf(),
-                reason: "already exists; pass --overwrite (overwrite=True) to replace it".into(),
-            });
-        }
-        let name = out_abs
-            .file_name()
-            .expect("absolute() gives a name")
-            .to_string_lossy()
-            .into_owned();
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tmp = out_abs.with_file_name(format!(".{name}.lorafast-tmp-{}-{stamp}", std::process::id()));
-        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(Staging {
-            tmp,
-            out: out_abs,
-            overwrite,
-            committed: false,
-        })
-    }
-
-    /// Move the finished folder into place, replacing an old OUT only now that the new one is complete.
-    pub fn commit(mut self) -> Result<PathBuf> {
-        let old = self.tmp.with_extension("old");
-        let had_old = self.out.exists();
-        if had_old {
-            if !self.overwrite {
-                return Err(Error::Output {
-                    path: self.out.clone(),
-                    reason: "appeared while writing; not replaced".into(),
-                });
-            }
-            std::fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
-        }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
-        self.committed = true;
-        if had_old {
-            let r = if old.is_dir() {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
-            };
-            r.map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(self.out.clone())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
 }
 
 /// The index file transformers writes for a sharded checkpoint.

@@ -679,7 +679,7 @@ pub fn merge(
             .collect();
         writer.add_shard(shard_name, &planned)?;
     }
-    progress.start(writer.total_bytes());
+    writer.start(progress)?;
 
     let nonfinite = AtomicU64::new(0);
     let ctx = Ctx {
@@ -708,6 +708,8 @@ pub fn merge(
         })
     })?;
     let tokenizers = |dir: &Path| adapters.iter().try_for_each(|a| copy_tokenizer_files(&a.dir, dir));
+    let mut warnings = writer.notices();
+    warnings.extend(plan.warnings);
     let (output, bytes_written) = writer.finish(base_ck.sharded, &base_ck.dir, tokenizers, plan.config.as_ref())?;
     let count = |f: fn(&Job) -> bool| plan.jobs.iter().filter(|j| f(j)).count();
     Ok(MergeReport {
@@ -720,7 +722,7 @@ pub fn merge(
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
         nonfinite_values: nonfinite.into_inner(),
-        warnings: plan.warnings,
+        warnings,
     })
 }
 

@@ -12,5 +12,6 @@ pub mod peft;
 pub mod pool;
 pub mod progress;
 pub mod quant;
+pub mod staging;
 
 pub use error::{Error, Result};

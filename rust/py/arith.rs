@@ -110,6 +110,7 @@ pub fn extract<'py>(
             oversample: oversample.unwrap_or(d.oversample),
             tol: tol.unwrap_or(d.tol),
             max_iters: max_iters.unwrap_or(d.max_iters),
+            converge_subspace: false,
         },
         threads,
         overwrite,

@@ -66,6 +66,15 @@ fn merge<'py>(
     Ok(d)
 }
 
+/// The output guard alone (OUT must not overlap an input; an existing OUT needs overwrite), for
+/// callers that want to fail before long work whose result will be written through the engine.
+#[pyfunction]
+#[pyo3(signature = (out, inputs, *, overwrite=false))]
+fn check_output(out: PathBuf, inputs: Vec<PathBuf>, overwrite: bool) -> PyResult<PathBuf> {
+    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::core::staging::check_output(&out, &inputs, overwrite).map_err(to_py)
+}
+
 #[pyfunction]
 fn inspect_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let s = py.detach(|| inspect::checkpoint(&path)).map_err(to_py)?;
@@ -113,6 +122,7 @@ fn inspect_adapter<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
 fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(check_output, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(arith::combine, m)?)?;

@@ -127,6 +127,7 @@ fn report_dict<'py>(
     d.set_item("elements_quantized", r.elements_quantized)?;
     d.set_item("bytes_written", r.bytes_written)?;
     d.set_item("seconds", r.seconds)?;
+    d.set_item("warnings", r.warnings)?;
     Ok(d)
 }
 

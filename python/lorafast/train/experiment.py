@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lorafast._deps import TRAINING, require
 from lorafast.errors import InvalidArgumentError, LorafastError
 
 COLUMNS = ["setting", "trainable_parameters", "adapter_bytes", "train_seconds", "peak_memory_bytes", "metric", "value"]
@@ -20,6 +21,7 @@ def run(kind: str, settings: Sequence[str], train_argv: list[str], out: Path) ->
     its own process so that its peak memory is its own, and write results.csv / .md / .png in `out`."""
     if kind not in ("ranks", "modules"):
         raise InvalidArgumentError(f"experiment {kind!r}: use ranks or modules")
+    require("lorafast experiment", *TRAINING, "matplotlib")
     if not settings:
         raise InvalidArgumentError(f"no {kind} to compare")
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lorafast import _core
+from lorafast._deps import TRAINING, require
 from lorafast.errors import InvalidArgumentError
 from lorafast.train import data as D
 from lorafast.train.targets import resolve_targets
@@ -88,6 +90,21 @@ def _quantized_base(model: str, cfg: TrainConfig) -> str:
     return str(cache)
 
 
+def check_train_outputs(cfg: TrainConfig) -> None:
+    """Before training: OUT may not lie in the model folder, and what it will hold (the adapter, the
+    merged model) may not overlap the model. The merge itself is guarded again by the engine."""
+    model = Path(cfg.model)
+    if not model.exists():
+        return  # a hub id: nothing local to protect
+    out = Path(cfg.out)
+    if out.resolve() == model.resolve() or model.resolve() in out.resolve().parents:
+        raise InvalidArgumentError(
+            f"{cfg.out}: lies inside the model folder {cfg.model}; lorafast never writes into its inputs"
+        )
+    for sub in ["adapter", *(["merged"] if cfg.merge else [])]:
+        _core.check_output(os.fspath(out / sub), [os.fspath(model)], overwrite=True)
+
+
 def _peak_memory(device) -> int:
     import torch
 
@@ -109,6 +126,8 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     cfg = config or TrainConfig(**kwargs)
     if cfg.task not in ("seq-cls", "causal-lm"):
         raise InvalidArgumentError(f"task {cfg.task!r}: use seq-cls or causal-lm")
+    require("lorafast train", *TRAINING, *(["bitsandbytes"] if cfg.qlora else []))
+    check_train_outputs(cfg)
     import torch
     import transformers
     from accelerate import Accelerator
@@ -121,11 +140,6 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     accelerator = Accelerator(cpu=want_cpu, mixed_precision="no")
     device = torch.device(cfg.device) if cfg.device and cfg.device != "cpu" else accelerator.device
     main = accelerator.is_main_process
-    if cfg.qlora:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise InvalidArgumentError("--qlora needs bitsandbytes (pip install bitsandbytes)") from None
 
     # Data first: bad input fails before any model is loaded.
     rows = D.read_records(cfg.data)

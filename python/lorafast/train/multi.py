@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lorafast._deps import INFERENCE, require
 from lorafast.errors import InvalidArgumentError, LorafastError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -48,6 +49,7 @@ def load(base: PathLike, adapters: dict[str, PathLike], *, active: Optional[str]
         >>> model = lorafast.load("gpt2", adapters)  # doctest: +SKIP
         >>> model.set_adapter("topic")  # doctest: +SKIP
     """
+    require("lorafast.load", *INFERENCE)
     from peft import PeftModel
 
     if not adapters:
@@ -134,6 +136,7 @@ def verify(
     """Run base + adapter (PEFT, unmerged) and the merged model on the same inputs; report the largest
     logit difference. Raises when it exceeds `tolerance` (default: 1e-3 for fp32 models, 5e-2 for
     16-bit ones, relative to the logits' scale)."""
+    require("lorafast verify", *INFERENCE)
     import torch
     from peft import PeftModel
 

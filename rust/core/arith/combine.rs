@@ -20,13 +20,13 @@ use super::{
     check_plain_lora, check_rank, copy_side_files, lora_outputs, raw_tensor, read_factors, set_ranks, tensor_seed,
     write_adapter, ArithReport, OutTensor, KEY_PREFIX,
 };
-use crate::core::checkpoint::Staging;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::linalg::{hstack, matmul_into};
 use crate::core::peft::{Adapter, LayerKind, LoraModule, CONFIG_NAME};
 use crate::core::pool;
 use crate::core::progress::Progress;
+use crate::core::staging::Staging;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -417,6 +417,7 @@ fn combine_module(job: &Job, method: Method, opts: &CombineOptions, rank: usize)
             oversample: rank.max(16),
             tol: 1e-7,
             max_iters: 40,
+            converge_subspace: false,
         };
         let dense = Dense {
             values: &mixed,
@@ -575,7 +576,7 @@ pub fn combine(
     tensors.extend(saved);
     copy_side_files(&opened[0].dir, &staging.tmp)?;
     debug_assert!(tensors.iter().all(|t| t.name.starts_with(KEY_PREFIX)));
-    let output = write_adapter(staging, &config, tensors)?;
+    let output = write_adapter(staging, &config, tensors, &mut warnings)?;
     Ok(ArithReport {
         output,
         modules: reports,

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::lowrank::{dense_svd, Dense, Factors, RandomizedOptions};
 use super::resize::check_energy;
 use super::{check_rank, lora_outputs, raw_tensor, set_ranks, tensor_seed, write_adapter, ArithReport, KEY_PREFIX};
-use crate::core::checkpoint::{Checkpoint, Staging};
+use crate::core::checkpoint::Checkpoint;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::TensorEntry;
@@ -19,6 +19,7 @@ use crate::core::merge::is_conv1d;
 use crate::core::peft::LayerKind;
 use crate::core::pool;
 use crate::core::progress::Progress;
+use crate::core::staging::Staging;
 
 #[derive(Debug, Clone)]
 pub struct ExtractOptions {
@@ -424,7 +425,7 @@ pub fn extract(
     });
     let ranks: Vec<(String, usize)> = reports.iter().map(|r| (r.module.clone(), r.rank)).collect();
     set_ranks(&mut config, &ranks);
-    let output = write_adapter(staging, &config, tensors)?;
+    let output = write_adapter(staging, &config, tensors, &mut warnings)?;
     Ok(ArithReport {
         output,
         modules: reports,

@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 use serde_json::Value;
 
-use crate::core::checkpoint::{write_file, Staging};
+use crate::core::checkpoint::write_file;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
 use crate::core::peft::{Adapter, LayerKind, LoraModule, CONFIG_NAME, WEIGHTS_NAME};
+use crate::core::staging::Staging;
 use lowrank::Factors;
 
 pub use combine::{combine, CombineOptions, Method};
@@ -157,8 +158,15 @@ pub fn check_plain_lora(adapter: &Adapter, what: &str) -> Result<()> {
 }
 
 /// Write `adapter_model.safetensors` and `adapter_config.json` (plus any side files already in the
-/// staging folder) and move the folder into place.
-pub fn write_adapter(staging: Staging, config: &Value, tensors: Vec<OutTensor>) -> Result<PathBuf> {
+/// staging folder) and move the folder into place. What claiming the folder cleared away goes first into
+/// `warnings`.
+pub fn write_adapter(
+    staging: Staging,
+    config: &Value,
+    tensors: Vec<OutTensor>,
+    warnings: &mut Vec<String>,
+) -> Result<PathBuf> {
+    warnings.splice(0..0, staging.notices.iter().cloned());
     let planned: Vec<PlannedTensor> = tensors
         .iter()
         .map(|t| PlannedTensor {
@@ -167,6 +175,7 @@ pub fn write_adapter(staging: Staging, config: &Value, tensors: Vec<OutTensor>) 
             shape: t.shape.clone(),
         })
         .collect();
+    staging.check_space(tensors.iter().map(|t| t.bytes.len() as u64).sum())?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let file = OutputFile::create(&staging.tmp.join(WEIGHTS_NAME), &planned, &metadata)?;
     for t in &tensors {

@@ -10,12 +10,12 @@ use super::{
     check_plain_lora, check_rank, copy_side_files, lora_outputs, raw_tensor, read_factors, set_ranks, write_adapter,
     ArithReport,
 };
-use crate::core::checkpoint::Staging;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::peft::{Adapter, LoraModule};
 use crate::core::pool;
 use crate::core::progress::Progress;
+use crate::core::staging::Staging;
 
 #[derive(Debug, Clone, Default)]
 pub struct ResizeOptions {
@@ -111,12 +111,13 @@ pub fn resize(adapter: &Path, out: &Path, opts: &ResizeOptions, progress: &dyn P
     let ranks: Vec<(String, usize)> = reports.iter().map(|r| (r.module.clone(), r.rank)).collect();
     set_ranks(&mut config, &ranks);
     copy_side_files(&ad.dir, &staging.tmp)?;
-    let output = write_adapter(staging, &config, tensors)?;
+    let mut warnings = Vec::new();
+    let output = write_adapter(staging, &config, tensors, &mut warnings)?;
     Ok(ArithReport {
         output,
         modules: reports,
         saved_tensors: ad.saved.len(),
         seconds: started.elapsed().as_secs_f64(),
-        warnings: Vec::new(),
+        warnings,
     })
 }

@@ -51,6 +51,8 @@ pub struct QuantizeReport {
     pub elements_quantized: u64,
     pub bytes_written: u64,
     pub seconds: f64,
+    /// What claiming OUT cleared away (leftovers of killed runs).
+    pub warnings: Vec<String>,
 }
 
 /// transformers' `should_convert_module` boundary rule, for plain names: a prefix up to a module
@@ -308,7 +310,7 @@ pub fn quantize_checkpoint(
         }
         writer.add_shard(&ck.shard_names[si], &tensors)?;
     }
-    progress.start(writer.total_bytes());
+    writer.start(progress)?;
 
     // Pass 2: write everything.
     let jobs: Vec<(usize, &TensorEntry)> = ck.entries().collect();
@@ -330,6 +332,7 @@ pub fn quantize_checkpoint(
         c["quantization_config"] = bnb_config(&q, opts.compute_dtype, &opts.skip_modules);
         c
     });
+    let warnings = writer.notices();
     let (output, bytes_written) = writer.finish(ck.sharded, &ck.dir, |_| Ok(()), config.as_ref())?;
     Ok(QuantizeReport {
         output,
@@ -338,6 +341,7 @@ pub fn quantize_checkpoint(
         elements_quantized: planned.values().map(|t| t.shape.iter().product::<usize>() as u64).sum(),
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
+        warnings,
     })
 }
 
@@ -631,7 +635,7 @@ pub fn dequantize_checkpoint(
         }
         writer.add_shard(&ck.shard_names[si], &tensors)?;
     }
-    progress.start(writer.total_bytes());
+    writer.start(progress)?;
     let jobs: Vec<(usize, &TensorEntry)> = ck.entries().filter(|(_, e)| !dropped(&e.name)).collect();
     pool.install(|| {
         jobs.par_iter().try_for_each(|(si, e)| {
@@ -687,6 +691,7 @@ pub fn dequantize_checkpoint(
         }
         c
     });
+    let warnings = writer.notices();
     let (output, bytes_written) = writer.finish(ck.sharded, &ck.dir, |_| Ok(()), config.as_ref())?;
     Ok(QuantizeReport {
         output,
@@ -695,6 +700,7 @@ pub fn dequantize_checkpoint(
         elements_quantized: states.values().map(|s| s.shape.iter().product::<usize>() as u64).sum(),
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
+        warnings,
     })
 }
 
