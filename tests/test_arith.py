@@ -107,13 +107,14 @@ def _seed_dare_like_lorafast(pm, names, seed, monkeypatch) -> None:
 
 
 def deltas(state: dict) -> dict[str, torch.Tensor]:
-    """B @ A per module of an adapter state dict (scaling 1, as every combined adapter has)."""
+    """B @ A per module of an adapter state dict (scaling 1, as every combined adapter has), exactly:
+    in float64, so that comparisons see only the rounding of the stored factors."""
     out = {}
     for k, a in state.items():
         if k.endswith(".lora_A.weight"):
-            out[k[: -len(".lora_A.weight")]] = state[k.replace("lora_A", "lora_B")].float() @ a.float()
+            out[k[: -len(".lora_A.weight")]] = state[k.replace("lora_A", "lora_B")].double() @ a.double()
         elif k.endswith(".lora_embedding_A"):
-            out[k[: -len(".lora_embedding_A")]] = state[k.replace("_A", "_B")].float() @ a.float()
+            out[k[: -len(".lora_embedding_A")]] = state[k.replace("_A", "_B")].double() @ a.double()
     return out
 
 
@@ -196,17 +197,91 @@ def test_cat_of_different_ranks_and_rslora_is_exact_with_scaling_one(tmp_path, b
     assert layer.scaling["default"] == 1.0
 
 
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def reference_merge(method, adapters, weights, module, density=None, sign="total", seed=0):
+    """What an svd-family combination truncates, computed exactly: PEFT's own merge functions on the
+    float64 deltas (DARE with lorafast's per-tensor masks). Also returns the Frobenius norm of what
+    float32 rounding may legitimately change: the elements whose pruning or sign decision lies within
+    the rounding of the deltas (each counted with twice its whole contribution)."""
+    from peft.utils import merge_utils as mu
+
+    key = f"base_model.model.{module}"
+    ds, errs, ws = [], [], []
+    for index, (a, w) in enumerate(zip(adapters, weights)):
+        st = load_file(a / "adapter_model.safetensors")
+        if f"{key}.lora_A.weight" not in st:
+            continue
+        A, B = st[f"{key}.lora_A.weight"].double(), st[f"{key}.lora_B.weight"].double()
+        c = json.loads((a / "adapter_config.json").read_text())
+        s = c["lora_alpha"] / c["r"]
+        d = s * (B @ A)
+        # |fl(s * B @ A) - s * B @ A| elementwise, for a float32 product of inner size r, then scaled.
+        err = (A.shape[0] + 2) * U32 * s * (B.abs() @ A.abs())
+        if method.startswith("dare"):
+            torch.manual_seed(fnv_seed(seed, module, "delta", index))
+            mask = torch.bernoulli(torch.full(d.shape, density, dtype=torch.float32)).double()
+            d, err = d * mask / density, err * mask / density
+        ds.append(d)
+        errs.append(err)
+        ws.append(w)
+    w = torch.tensor(ws, dtype=torch.float64)
+    ambiguous = torch.zeros(ds[0].shape, dtype=torch.bool)
+    if method in ("ties_svd", "magnitude_prune_svd"):
+        for d, e in zip(ds, errs):
+            threshold = d.abs().flatten().topk(int(density * d.numel())).values[-1]
+            ambiguous |= (d.abs() - threshold).abs() <= 2 * e.max()
+    if method in ("ties_svd", "dare_ties_svd"):
+        kept = torch.stack([mu.magnitude_based_pruning(d, density) for d in ds] if method == "ties_svd" else ds)
+        if sign == "total":
+            ambiguous |= kept.sum(0).abs() <= sum(errs)
+        else:
+            ambiguous |= ((kept.abs() <= torch.stack(errs)) & (kept != 0)).any(0)
+    merged = {
+        "svd": lambda: mu.task_arithmetic(ds, w),
+        "ties_svd": lambda: mu.ties(ds, w, density, sign),
+        "magnitude_prune_svd": lambda: mu.magnitude_prune(ds, w, density),
+        "dare_linear_svd": lambda: mu.task_arithmetic(ds, w),
+        "dare_ties_svd": lambda: mu.ties(ds, w, 1.0, sign),  # masks already applied: density 1 keeps all
+    }[method]()
+    contributions = sum(abs(x) * d.abs() for x, d in zip(ws, ds))
+    flip = float((2 * contributions[ambiguous]).norm())
+    return merged, flip
+
+
+def assert_near_optimal(ours, peft_delta, merged: torch.Tensor, rank: int, flip: float = 0.0):
+    """Eckart-Young: the best rank-`rank` approximation of the exact merged delta is its truncated SVD.
+    lorafast's result must be within what float32 allows - a few roundings of relative size u of the
+    whole matrix, plus the rounding-decided elements, amplified by the spectral gap at the cut
+    (Wedin) - and at least as close to it as PEFT's."""
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    gap = float(s[rank - 1] - (s[rank] if rank < len(s) else 0))
+    amplification = 1 + float(s[0]) / gap
+    scale = float(best.norm())
+    bound = (8 * U32 * float(merged.norm()) + flip) * amplification / scale
+    mine = rel_err(ours.double(), best)
+    assert mine <= bound, (mine, bound)
+    if peft_delta is not None:
+        theirs = rel_err(peft_delta.double(), best)
+        assert mine <= theirs + 2 * U32 + flip * amplification / scale, (mine, theirs)
+
+
 @pytest.mark.parametrize("method,kw", SVD_WISE, ids=[f"{m}-{kw.get('svd_rank', '')}" for m, kw in SVD_WISE])
-def test_svd_methods_match_peft_deltas(tmp_path, base, adapters, method, kw):
-    pair = adapters[:2]
-    theirs = peft_combine(base, pair, [0.7, -0.4], method, **kw)
-    ours, report = ours_combine(pair, tmp_path / "out", [0.7, -0.4], method, **kw)
+def test_svd_methods_are_optimal_truncations(tmp_path, base, adapters, method, kw):
+    pair, weights = adapters[:2], [0.7, -0.4]
+    theirs = peft_combine(base, pair, weights, method, **kw)
+    ours, report = ours_combine(pair, tmp_path / "out", weights, method, **kw)
     assert set(ours) == set(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in theirs)
     mine, peft_d = deltas(ours), deltas(theirs)
-    tol = 1e-5 if method == "svd" else 1e-3
     for m in peft_d:
-        assert rel_err(mine[m], peft_d[m]) < tol, (m, rel_err(mine[m], peft_d[m]))
+        module = m[len("base_model.model.") :]
+        merged, flip = reference_merge(
+            method, pair, weights, module, kw.get("density"), kw.get("majority_sign_method", "total")
+        )
+        assert_near_optimal(mine[m], peft_d[m], merged, kw.get("svd_rank", 8), flip)
     energies = [m.energy for m in report.modules]
     assert all(0 < e <= 1 + 1e-9 for e in energies)
     if method == "svd" and "svd_rank" not in kw:
@@ -224,7 +299,11 @@ def test_dare_matches_peft_with_the_same_masks(tmp_path, base, adapters, method,
     if method.endswith("svd"):
         mine, peft_d = deltas(ours), deltas(theirs)
         for m in peft_d:
-            assert rel_err(mine[m], peft_d[m]) < 1e-3, m
+            module = m[len("base_model.model.") :]
+            merged, flip = reference_merge(
+                method, pair, [0.7, 0.4], module, kw["density"], kw.get("majority_sign_method", "total"), seed=11
+            )
+            assert_near_optimal(mine[m], peft_d[m], merged, 8, flip)
     else:
         for k in theirs:
             assert torch.equal(ours[k], theirs[k]), k
@@ -348,6 +427,7 @@ def test_extract_energy_picks_ranks_and_carries_changed_modules(tmp_path, base, 
     assert all(0.5 < m.energy < 1 for m in r.modules)
 
 
+@pytest.mark.slow
 def test_extract_from_a_real_fine_tune_reports_exact_energies(tmp_path):
     """Full fine-tune of the real MiniLM for a few steps; the energy lorafast reports per module is the
     exact one (torch.linalg.svd of the difference), and base + adapter moves toward the fine-tune."""
@@ -441,10 +521,10 @@ def test_resize_lower_rank_is_the_truncated_svd(tmp_path, base, adapters):
     r = lorafast.resize(a, tmp_path / "out", rank=3, progress=False)
     got = scaled_deltas(r.output)
     for m in r.modules:
-        d = scaled_deltas(a)[f"base_model.model.{m.module}"].double()
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        d = scaled_deltas(a)[f"base_model.model.{m.module}"]
+        s = torch.linalg.svdvals(d)
         assert abs(m.energy - float((s[:3] ** 2).sum() / (s**2).sum())) < 1e-6
-        assert rel_err(got[f"base_model.model.{m.module}"].double(), u[:, :3] @ torch.diag(s[:3]) @ vh[:3]) < 1e-5
+        assert_near_optimal(got[f"base_model.model.{m.module}"], None, d, 3)
     peft_loads(r.output, base)
 
 

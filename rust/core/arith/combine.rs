@@ -4,7 +4,8 @@
 //! weighting A by sign(c) sqrt|c| and B by sqrt|c| (c = weight * scaling), `cat` stacking the scaled
 //! factors, the svd methods taking a truncated SVD of the mixed deltas. Differences, all deliberate:
 //! the new scaling is 1 even for rsLoRA inputs, the svd of `svd` is exact on the factors (no dense
-//! delta), the svd of pruned deltas is randomized, DARE draws its masks from per-tensor seeds, and
+//! delta), the svd of pruned deltas is randomized subspace iteration run until the subspace converges (as
+//! close to the truncation as an exact float32 SVD), DARE draws its masks from per-tensor seeds, and
 //! modules_to_save tensors are carried over from the one adapter that has them.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -413,11 +414,12 @@ fn combine_module(job: &Job, method: Method, opts: &CombineOptions, rank: usize)
         let w: Vec<f32> = job.parts.iter().map(|p| weight(p) as f32).collect();
         let mixed = merge_fn.apply(deltas, &w, &seeds("delta"));
         let total: f64 = mixed.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+        // Stands in for PEFT's exact torch.linalg.svd: iterate until the subspace itself has converged.
         let exactish = RandomizedOptions {
             oversample: rank.max(16),
-            tol: 1e-7,
-            max_iters: 40,
-            converge_subspace: false,
+            tol: 0.0,
+            max_iters: 60,
+            converge_subspace: true,
         };
         let dense = Dense {
             values: &mixed,
