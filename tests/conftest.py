@@ -32,6 +32,26 @@ def with_minilm_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def with_gpt2_tokenizer(folder: Path, corpus: list[str]) -> int:
+    """Give a folder a byte-level BPE tokenizer trained on `corpus` the way GPT-2's is built: one special
+    token, <|endoftext|>, and no pad token. Returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = transformers.GPT2TokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    assert fast.pad_token is None
+    fast.save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
 def tiny_llama_config(**kw):
     base = dict(
         vocab_size=256,

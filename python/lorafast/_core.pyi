@@ -104,6 +104,7 @@ def quantize_checkpoint(
     compute_dtype: str,
     targets: Optional[Sequence[tuple[str, bool]]] = None,
     skip_modules: Sequence[str] = ...,
+    keep_heads: bool = False,
     torch_threads: int = 1,
     threads: Optional[int] = None,
     overwrite: bool = False,

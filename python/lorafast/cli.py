@@ -251,8 +251,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     require("lorafast verify", *INFERENCE)
+    _quiet_transformers()
     from lorafast.train.multi import verify
 
     r = verify(args.base, args.adapter, args.merged, tolerance=args.tolerance)
@@ -265,6 +273,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     require("lorafast predict", *INFERENCE)
+    _quiet_transformers()
     import transformers
 
     from lorafast.train.data import read_records
@@ -535,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    # Deprecation notices of torch / transformers / peft internals are for their developers, not ours.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "experiment":

@@ -238,6 +238,7 @@ def quantize(
     progress: bool = True,
     overwrite: bool = False,
     targets: Optional[Sequence[tuple[str, bool]]] = None,
+    keep_heads: bool = False,
 ) -> QuantizeReport:
     """Write a pre-quantized 4-bit checkpoint, byte-identical to what
     ``AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
@@ -257,6 +258,10 @@ def quantize(
             architecture, but imports torch), ``"auto"`` (names for known architectures).
         torch_threads: the torch thread count whose summation order the double-quant offset follows.
         threads: worker threads.
+        keep_heads: also keep the output layer and every task head (``classifier``, ``score``, ...) in full
+            precision and list them in ``llm_int8_skip_modules``, so that the checkpoint loads under a task
+            class whose head is new (what ``lorafast train --qlora`` quantizes for). The file then differs
+            from transformers' default quantization of the same model.
 
     Example:
         >>> import lorafast
@@ -288,6 +293,7 @@ def quantize(
             targets=None if targets is None else list(targets),
             # With skips, transformers adds no default ones; keep the output head unquantized explicitly.
             skip_modules=(["lm_head"] + [s for s in skips if s != "lm_head"]) if skips else [],
+            keep_heads=keep_heads,
             torch_threads=torch_threads or default_torch_threads(),
             threads=threads,
             overwrite=overwrite,

@@ -491,6 +491,13 @@ fn plan(base: &Checkpoint, adapters: &[Adapter], opts: &MergeOptions) -> Result<
         if let Some((task, suffix)) = head_task {
             to_task_class(&mut c, task, suffix, &jobs);
         }
+        // A trainer that had to choose a pad token (GPT-2 has none) saved it with the adapter's tokenizer;
+        // the merged model needs its id to run on padded batches (sequence classification above all).
+        if c.get("pad_token_id").map_or(true, Value::is_null) {
+            if let Some(id) = adapters.iter().find_map(|a| pad_token_id(&a.dir)) {
+                c["pad_token_id"] = Value::from(id);
+            }
+        }
         c
     });
     Ok(Plan {
@@ -1001,6 +1008,31 @@ fn lora_delta(f: &Factors, layout: Layout, r0: usize, n: usize, cols: usize, dst
             matmul_into(dst, a_t, b_t);
         }
     }
+}
+
+/// The id of the pad token a tokenizer saved in `dir` declares, found among its special tokens
+/// (`tokenizer_config.json`'s `added_tokens_decoder`, or `tokenizer.json`'s `added_tokens`).
+fn pad_token_id(dir: &Path) -> Option<u64> {
+    let read = |name: &str| -> Option<Value> { serde_json::from_slice(&std::fs::read(dir.join(name)).ok()?).ok() };
+    let content = |v: &Value| -> Option<String> {
+        v.as_str()
+            .or_else(|| v.get("content")?.as_str())
+            .map(str::to_string)
+    };
+    let config = read("tokenizer_config.json")?;
+    let pad = content(config.get("pad_token")?)?;
+    if let Some(decoder) = config.get("added_tokens_decoder").and_then(Value::as_object) {
+        if let Some((id, _)) = decoder.iter().find(|(_, t)| content(t).as_deref() == Some(pad.as_str())) {
+            return id.parse().ok();
+        }
+    }
+    read("tokenizer.json")?
+        .get("added_tokens")?
+        .as_array()?
+        .iter()
+        .find(|t| content(t).as_deref() == Some(pad.as_str()))?
+        .get("id")?
+        .as_u64()
 }
 
 /// An adapter trained with added tokens ships its tokenizer: it wins over the base's.

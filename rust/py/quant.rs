@@ -132,7 +132,7 @@ fn report_dict<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (base, out, *, quant_type, blocksize, double_quant, compute_dtype, targets=None, skip_modules=vec![], torch_threads=1, threads=None, overwrite=false, progress=None))]
+#[pyo3(signature = (base, out, *, quant_type, blocksize, double_quant, compute_dtype, targets=None, skip_modules=vec![], keep_heads=false, torch_threads=1, threads=None, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_checkpoint<'py>(
     py: Python<'py>,
@@ -144,6 +144,7 @@ pub fn quantize_checkpoint<'py>(
     compute_dtype: &str,
     targets: Option<Vec<(String, bool)>>,
     skip_modules: Vec<String>,
+    keep_heads: bool,
     torch_threads: usize,
     threads: Option<usize>,
     overwrite: bool,
@@ -160,6 +161,7 @@ pub fn quantize_checkpoint<'py>(
         compute_dtype: float_type(compute_dtype)?,
         targets,
         skip_modules,
+        keep_heads,
         threads,
         overwrite,
     };

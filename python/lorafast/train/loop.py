@@ -16,6 +16,7 @@ from lorafast import _core
 from lorafast._deps import TRAINING, require
 from lorafast.errors import InvalidArgumentError
 from lorafast.train import data as D
+from lorafast.train.models import TASKS, check_task, load_for_task, task_class
 from lorafast.train.targets import resolve_targets
 
 
@@ -74,19 +75,30 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _quantized_base(model: str, cfg: TrainConfig) -> str:
-    """A full-precision base is quantized once with the Rust quantizer and cached."""
+def _quantized_base(model: str, cfg: TrainConfig, compute_dtype: str) -> str:
+    """A full-precision base is quantized once with the Rust quantizer and cached. Output layers and task
+    heads stay in full precision (and are listed as such), so the 4-bit checkpoint loads under the task
+    class even where the head is new, and PEFT can train that head in full (modules_to_save)."""
     from lorafast.merge import is_4bit_checkpoint
     from lorafast.quant import quantize
 
     if is_4bit_checkpoint(model) or not Path(model).is_dir():
         return model
     stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(model).glob("*")))
-    key = hashlib.sha256(f"{Path(model).resolve()}|{stamp}|nf4|dq".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{Path(model).resolve()}|{stamp}|nf4|dq|heads|{compute_dtype}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LORAFAST_CACHE", Path.home() / ".cache/lorafast")) / "quantized" / key
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        quantize(model, cache, quant_type="nf4", double_quant=True, compute_dtype="bf16", progress=cfg.progress)
+        quantize(
+            model,
+            cache,
+            quant_type="nf4",
+            double_quant=True,
+            compute_dtype=compute_dtype,
+            keep_heads=True,
+            progress=cfg.progress,
+            overwrite=True,  # another process may have cached it meanwhile: same bytes
+        )
     return str(cache)
 
 
@@ -103,6 +115,32 @@ def check_train_outputs(cfg: TrainConfig) -> None:
         )
     for sub in ["adapter", *(["merged"] if cfg.merge else [])]:
         _core.check_output(os.fspath(out / sub), [os.fspath(model)], overwrite=True)
+
+
+def warn_misread_4bit_rows(model) -> None:
+    """bitsandbytes' AVX-512 CPU dequantizer (blocksizes under 2048) reads the absmax of a row that is not
+    a whole number of blocks from the wrong place: such layers train against other weights than the
+    checkpoint holds, and the merged model will not match. Real models' widths are multiples of 64; say
+    so when these are not."""
+    import warnings
+
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return
+    bad, blocksize = [], 0
+    for name, m in model.named_modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None and qs.blocksize < 2048 and qs.shape[-1] % qs.blocksize and qs.shape[-1] % 2 == 0:
+            bad.append(name)
+            blocksize = qs.blocksize
+    if bad:
+        warnings.warn(
+            f"bitsandbytes on this CPU (AVX-512) dequantizes {len(bad)} layers wrongly, whose rows are not a whole "
+            f"number of {blocksize}-element blocks (e.g. {bad[0]}): QLoRA would train against other weights "
+            "than the checkpoint holds (a bitsandbytes bug); train with LoRA, or on a GPU",
+            stacklevel=3,
+        )
 
 
 def _peak_memory(device) -> int:
@@ -124,16 +162,19 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         >>> r.summary["eval"]["accuracy"]  # doctest: +SKIP
     """
     cfg = config or TrainConfig(**kwargs)
-    if cfg.task not in ("seq-cls", "causal-lm"):
+    if cfg.task not in TASKS:
         raise InvalidArgumentError(f"task {cfg.task!r}: use seq-cls or causal-lm")
     require("lorafast train", *TRAINING, *(["bitsandbytes"] if cfg.qlora else []))
     check_train_outputs(cfg)
+    check_task(cfg.model, cfg.task)
     import torch
     import transformers
     from accelerate import Accelerator
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     transformers.logging.set_verbosity_error()
+    if not cfg.progress:
+        transformers.logging.disable_progress_bar()
     # One process, or one of several under `accelerate launch` (DDP / FSDP / DeepSpeed as accelerate is
     # configured); mixed precision stays ours (autocast below).
     want_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
@@ -151,26 +192,27 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     labels = D.label_vocabulary(rows, cfg.label_field) if cfg.task == "seq-cls" else []
 
     _set_seed(cfg.seed)
-    model_path = _quantized_base(cfg.model, cfg) if cfg.qlora else cfg.model
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     use_cuda = device.type == "cuda"
     precision = cfg.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if use_cuda else "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    load_kw: dict[str, Any] = {"device_map": {"": str(device)}} if (cfg.qlora or use_cuda) else {}
-    if cfg.task == "seq-cls":
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(labels), **load_kw
-        )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        task_type = TaskType.SEQ_CLS
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **load_kw)
-        task_type = TaskType.CAUSAL_LM
+    # The 4-bit layers compute in what the rest of the step computes in: fp32 on the CPU.
+    compute_dtype = precision if precision in ("bf16", "fp16") else "fp32"
+    model_path = _quantized_base(cfg.model, cfg, compute_dtype) if cfg.qlora else cfg.model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token is None:
+        # GPT-2 and others have none: pad with end-of-text (saved with the adapter's tokenizer, and so in
+        # the merged model's config, for prediction on padded batches).
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    load_kw: dict[str, Any] = {"device_map": {"": str(device)}} if use_cuda else {}
+    extra = {"num_labels": len(labels)} if cfg.task == "seq-cls" else {}
+    model = load_for_task(
+        model_path, task_class(cfg.task), pad_token_id=tokenizer.pad_token_id, device=str(device), **load_kw, **extra
+    )
+    task_type = TaskType.SEQ_CLS if cfg.task == "seq-cls" else TaskType.CAUSAL_LM
+    if cfg.qlora and not use_cuda:
+        warn_misread_4bit_rows(model)
     if cfg.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_checkpointing)
     elif cfg.grad_checkpointing:
@@ -321,13 +363,20 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
                     break
         if eval_enc and main:  # the main process evaluates the whole set and keeps the best adapter
             unwrapped = accelerator.unwrap_model(model)
-            last_eval = evaluate(unwrapped, loader(eval_enc, False), device, cfg.task, amp_dtype)
+            last_eval, logits = evaluate(unwrapped, loader(eval_enc, False), device, cfg.task, amp_dtype)
             log({"step": step, "epoch": epoch + 1, "eval": last_eval})
             key = "accuracy" if cfg.task == "seq-cls" else "loss"
             better = best is None or (last_eval[key] > best if key == "accuracy" else last_eval[key] < best)
             if better:
                 best, best_metrics = last_eval[key], last_eval
                 save_adapter(unwrapped)
+                if logits:  # what the kept adapter predicts on the evaluation set, for later comparison
+                    (out / "eval_predictions.jsonl").write_text(
+                        "".join(
+                            json.dumps({"label": int(max(range(len(x)), key=x.__getitem__)), "logits": x}) + "\n"
+                            for x in logits
+                        )
+                    )
         accelerator.wait_for_everyone()
         if step >= total_steps:
             break
@@ -359,33 +408,29 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         "eval": best_metrics,
         "last_eval": last_eval,
         "labels": [str(x) for x in labels],
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "base": str(model_path),
         "config": asdict(cfg),
     }
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     merged = None
     if cfg.merge and main:
-        if cfg.qlora or Path(cfg.model).is_dir():
-            from lorafast.merge import merge
+        from lorafast.merge import merge
 
-            merged = merge(
-                model_path if cfg.qlora else cfg.model,
-                out / "adapter",
-                out / "merged",
-                overwrite=True,
-                progress=cfg.progress,
-            ).output
-        else:
-            raise InvalidArgumentError("--merge needs a local model folder")
+        # A QLoRA adapter merges into the 4-bit base it was trained on (dequantized exactly).
+        merged = merge(model_path, out / "adapter", out / "merged", overwrite=True, progress=cfg.progress).output
     return TrainResult(out=out, adapter=out / "adapter", summary=summary, merged=merged)
 
 
-def evaluate(model, loader, device, task: str, amp_dtype) -> dict[str, float]:
-    """Accuracy and macro F1 for classification; loss and perplexity for causal LM."""
+def evaluate(model, loader, device, task: str, amp_dtype) -> tuple[dict[str, float], list[list[float]]]:
+    """Accuracy and macro F1 for classification (and each example's logits); loss and perplexity for
+    causal LM."""
     import torch
 
     model.eval()
-    total_loss, n, preds, golds = 0.0, 0, [], []
+    total_loss, n, preds, golds, logits = 0.0, 0, [], [], []
     with torch.no_grad():
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -394,6 +439,7 @@ def evaluate(model, loader, device, task: str, amp_dtype) -> dict[str, float]:
             if task == "seq-cls":
                 preds += out.logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
+                logits += out.logits.float().tolist()
             else:
                 tokens = int((batch["labels"][:, 1:] != -100).sum())
                 total_loss += out.loss.item() * tokens
@@ -407,6 +453,6 @@ def evaluate(model, loader, device, task: str, amp_dtype) -> dict[str, float]:
             fp = sum(p == c and g != c for p, g in zip(preds, golds))
             fn = sum(p != c and g == c for p, g in zip(preds, golds))
             f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
-        return {"accuracy": acc, "f1": sum(f1s) / max(1, len(f1s))}
+        return {"accuracy": acc, "f1": sum(f1s) / max(1, len(f1s))}, logits
     loss = total_loss / max(1, n)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}, []

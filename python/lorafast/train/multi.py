@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 from lorafast._deps import INFERENCE, require
 from lorafast.errors import InvalidArgumentError, LorafastError
+from lorafast.train.models import load_for_task, read_config, saved_pad_token_id
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -66,7 +67,8 @@ def load(base: PathLike, adapters: dict[str, PathLike], *, active: Optional[str]
         n = next((s for s in sizes.values() if s), None)
         if n:
             kw["num_labels"] = n
-    model = _model_class(task, base).from_pretrained(os.fspath(base), **kw)
+    chosen = adapters[active] if active in adapters else next(iter(adapters.values()))
+    model = load_for_task(base, _model_class(task, base), pad_token_id=saved_pad_token_id(chosen), **kw)
     names = list(adapters)
     model = PeftModel.from_pretrained(model, os.fspath(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
@@ -95,6 +97,8 @@ def predict(
 
     out = []
     device = next(model.parameters()).device
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # batches are padded
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         if task == "seq-cls":
@@ -146,8 +150,9 @@ def verify(
     n = _num_labels(adapter) if task in ("SEQ_CLS", "TOKEN_CLS") else None
     if n:
         kw["num_labels"] = n
-    ref = PeftModel.from_pretrained(cls.from_pretrained(os.fspath(base), **kw), os.fspath(adapter)).eval()
-    mrg = cls.from_pretrained(os.fspath(merged), **kw).eval()
+    pad = saved_pad_token_id(adapter)
+    ref = PeftModel.from_pretrained(load_for_task(base, cls, pad_token_id=pad, **kw), os.fspath(adapter)).eval()
+    mrg = load_for_task(merged, cls, pad_token_id=pad, **kw).eval()
     vocab = int(getattr(mrg.config, "vocab_size", 1000))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, min(vocab, 30000), (samples, seq_len), generator=g)
@@ -157,7 +162,10 @@ def verify(
     diff = float((a - b).abs().max())
     scale = float(a.abs().max()) or 1.0
     dtype = next(mrg.parameters()).dtype
-    tol = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
+    # A 4-bit base computes in its compute dtype: the reference is no more precise than that.
+    compute = read_config(base).get("quantization_config") or {}
+    exact = dtype == torch.float32 and compute.get("bnb_4bit_compute_dtype", "float32") == "float32"
+    tol = tolerance if tolerance is not None else (1e-3 if exact else 5e-2)
     result = {
         "max_abs_diff": diff,
         "relative_diff": diff / scale,

@@ -22,7 +22,7 @@ use crate::core::checkpoint::{Checkpoint, CheckpointWriter};
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::{OutputFile, PlannedTensor, SafetensorsFile, TensorEntry};
-use crate::core::layers::{is_embedding_or_output, leaf, HEADS};
+use crate::core::layers::{is_embedding_or_output, leaf, HEADS, OUTPUTS};
 use crate::core::merge::is_conv1d;
 use crate::core::pool;
 use crate::core::progress::Progress;
@@ -39,6 +39,10 @@ pub struct QuantizeCheckpointOptions {
     pub targets: Option<Vec<(String, bool)>>,
     /// Written to `llm_int8_skip_modules`; with `targets` None also excluded here.
     pub skip_modules: Vec<String>,
+    /// Keep every output layer and task head (classifier, score, ...) in full precision and say so in
+    /// `llm_int8_skip_modules`, so that transformers loads the checkpoint under a task class whose
+    /// head is new (QLoRA classification: PEFT trains the head in full as modules_to_save).
+    pub keep_heads: bool,
     pub threads: Option<usize>,
     pub overwrite: bool,
 }
@@ -61,6 +65,21 @@ fn skipped(module: &str, patterns: &[String]) -> bool {
     patterns
         .iter()
         .any(|p| module == p || module.starts_with(&format!("{p}.")) || module.ends_with(p.as_str()))
+}
+
+/// The modules left unquantized and listed in `llm_int8_skip_modules`: the caller's, and with
+/// `keep_heads` the output layer and every task head first.
+fn skip_list(opts: &QuantizeCheckpointOptions) -> Vec<String> {
+    let mut skip: Vec<String> = Vec::new();
+    if opts.keep_heads {
+        skip.extend(OUTPUTS.iter().chain(HEADS.iter()).map(|h| h.to_string()));
+    }
+    for s in &opts.skip_modules {
+        if !skip.contains(s) {
+            skip.push(s.clone());
+        }
+    }
+    skip
 }
 
 /// Without transformers at hand: 2-D float weights other than embeddings, output/task heads and skips.
@@ -212,9 +231,15 @@ pub fn quantize_checkpoint(
             base.display()
         )));
     }
+    let skip_modules = skip_list(opts);
     let targets = match &opts.targets {
+        Some(t) if opts.keep_heads => t
+            .iter()
+            .filter(|(name, _)| !skipped(name.strip_suffix(".weight").unwrap_or(name), &skip_modules))
+            .cloned()
+            .collect(),
         Some(t) => t.clone(),
-        None => heuristic_targets(&ck, &opts.skip_modules),
+        None => heuristic_targets(&ck, &skip_modules),
     };
     if targets.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -329,7 +354,7 @@ pub fn quantize_checkpoint(
         })
     })?;
     let config = ck.config.clone().map(|mut c| {
-        c["quantization_config"] = bnb_config(&q, opts.compute_dtype, &opts.skip_modules);
+        c["quantization_config"] = bnb_config(&q, opts.compute_dtype, &skip_modules);
         c
     });
     let warnings = writer.notices();
