@@ -3,6 +3,7 @@ pub mod arith;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod fuzzing;
 pub mod inspect;
 pub mod io;
 pub mod layers;

@@ -487,6 +487,20 @@ pub fn read_state(ck: &Checkpoint, key: &str) -> Result<StoredState> {
         .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
         .ok_or_else(|| bad("quant state lacks a shape".into()))?;
     let nested_offset = v.get("nested_offset").and_then(Value::as_f64).map(|x| x as f32);
+    // The shape must describe the packed weight beside it: two codes a byte, and no overflow on the way.
+    let weight = key.split(QUANT_STATE_TAG).next().unwrap_or(key);
+    let numel = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+    let packed = ck.get(weight).map(|(_, e)| e.len);
+    match (numel, packed) {
+        (Some(n), Some(len)) if n > 0 && n.div_ceil(2) as u64 == len && n.checked_mul(4).is_some() => {}
+        (_, None) => return Err(bad(format!("no packed weight {weight} beside it"))),
+        _ => {
+            return Err(bad(format!(
+                "quant state shape {shape:?} does not fit the {} packed bytes of {weight}",
+                packed.unwrap_or(0)
+            )))
+        }
+    }
     Ok(StoredState {
         quant_type,
         blocksize,

@@ -1,0 +1,78 @@
+"""Write the seed inputs of the fuzz corpora (fuzz/corpus/TARGET/seed-*): small but real files of each
+kind, as lorafast's own generators, PEFT and bitsandbytes-compatible quantization write them.
+
+    python fuzz/seeds.py        # then: bash scripts/fuzz.sh TARGET SECONDS
+
+An input holding two files is a 2-byte little-endian length, the first file, then the second (see
+rust/core/fuzzing.rs).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import lorafast
+from lorafast.synthetic import LlamaShape, make_llama_checkpoint, make_lora_adapter
+
+CORPUS = Path(__file__).parent / "corpus"
+SHAPE = LlamaShape(hidden=16, intermediate=24, layers=1, heads=2, kv_heads=1, vocab=32)
+
+
+def join(first: bytes, second: bytes) -> bytes:
+    return struct.pack("<H", len(first)) + first + second
+
+
+def put(target: str, name: str, data: bytes) -> None:
+    d = CORPUS / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"seed-{name}").write_bytes(data)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for dtype in ("bf16", "fp16", "fp32"):
+            base = make_llama_checkpoint(root / f"base-{dtype}", SHAPE, dtype=dtype)
+            put("safetensors_checkpoint", f"single-{dtype}", join(b"", (base / "model.safetensors").read_bytes()))
+        sharded = make_llama_checkpoint(root / "sharded", SHAPE, shards=2)
+        index = (sharded / "model.safetensors.index.json").read_text()
+        first = sorted(sharded.glob("*.safetensors"))[0]
+        # The index names two shards; the target writes the second part under the first name.
+        index = index.replace(first.name, "model.safetensors")
+        put("safetensors_checkpoint", "indexed", join(index.encode(), first.read_bytes()))
+
+        base = root / "base-bf16"
+        variants = {
+            "plain": {},
+            "rslora-patterns": {
+                "use_rslora": True,
+                "rank_pattern": {"q_proj": 4},
+                "alpha_pattern": {r"model\.layers\.0\.mlp\.up_proj": 8},
+            },
+            "layers-exclude": {"layers_to_transform": [0], "layers_pattern": "layers", "exclude_modules": ["o_proj"]},
+            "regex-targets": {"target_modules": r".*\.(q|v)_proj"},
+            "modules-to-save": {"modules_to_save": ["lm_head"], "task_type": "SEQ_CLS"},
+        }
+        for name, extra in variants.items():
+            a = make_lora_adapter(root / f"a-{name}", SHAPE, r=4, alpha=8)
+            cfg = json.loads((a / "adapter_config.json").read_text())
+            cfg.update(extra)
+            put("adapter_folder", name, join(json.dumps(cfg).encode(), (a / "adapter_model.safetensors").read_bytes()))
+
+        for quant_type, dq, bs in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 128)):
+            q = lorafast.quantize(
+                base, root / f"q-{quant_type}-{dq}-{bs}", quant_type=quant_type, blocksize=bs, double_quant=dq,
+                progress=False,
+            ).output
+            put(
+                "quantized_checkpoint",
+                f"{quant_type}-{'dq' if dq else 'plain'}-{bs}",
+                join((q / "config.json").read_bytes(), (q / "model.safetensors").read_bytes()),
+            )
+
+
+if __name__ == "__main__":
+    main()
