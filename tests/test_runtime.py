@@ -94,7 +94,7 @@ def test_progress_callback_counts_every_byte(tmp_path, medium):
     )
     total = seen[0]
     assert total[0] == "" and sum(b for n, b in seen[1:]) == total[1]
-    assert len(seen) - 1 == raw["tensors_total"]
+    assert len(seen) - 1 == raw.tensors_total
 
 
 def test_env_thread_count(tmp_path, medium, monkeypatch):
@@ -124,7 +124,7 @@ def test_entry_point_demo_runs_and_verifies(tmp_path):
 
 def test_hub_ids_resolve_through_the_local_hub_cache(tmp_path, monkeypatch):
     """The hub code path, offline: a model and an adapter laid out in an HF cache as snapshot_download leaves them."""
-    from lorafast.merge import resolve_model_path
+    from lorafast.hub import resolve_model_path
 
     shape = LlamaShape(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=64)
     hub = tmp_path / "hf" / "hub"

@@ -38,7 +38,7 @@ def progress(name, nbytes):
         while not os.path.exists(gate):
             time.sleep(0.01)
 r = lorafast._core.merge(base, [adapter], out, threads=1, overwrite=True, progress=progress)
-print("done", r["tensors_total"], flush=True)
+print("done", r.tensors_total, flush=True)
 """
 
 

@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 from lorafast._core import __version__
-from lorafast.arith import ArithReport, combine, extract, resize
+from lorafast.arith import ArithReport, ModuleReport, combine, extract, resize
 from lorafast.errors import LorafastError
 from lorafast.inspect import inspect_adapter, inspect_checkpoint
-from lorafast.merge import MergeReport, merge
+from lorafast.merge import MergeReport, TensorReport, merge
 from lorafast.quant import QuantizeReport, dequantize, quantize
 from lorafast.train.multi import load
 
@@ -21,10 +21,12 @@ __all__ = [
     "__version__",
     "merge",
     "MergeReport",
+    "TensorReport",
     "combine",
     "extract",
     "resize",
     "ArithReport",
+    "ModuleReport",
     "quantize",
     "dequantize",
     "QuantizeReport",

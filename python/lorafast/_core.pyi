@@ -1,6 +1,6 @@
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -10,6 +10,10 @@ _Path = Union[str, PathLike[str]]
 __version__: str
 __all__ = [
     "__version__",
+    "MergeReport",
+    "TensorReport",
+    "ArithReport",
+    "ModuleReport",
     "merge",
     "combine",
     "extract",
@@ -24,6 +28,83 @@ __all__ = [
     "dequantize_checkpoint",
 ]
 
+@final
+class TensorReport:
+    """What the merge kept of one merged weight."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def delta_norm(self) -> float: ...
+    @property
+    def weight_norm(self) -> float: ...
+    @property
+    def ratio(self) -> float: ...
+    @property
+    def retention(self) -> float: ...
+    @property
+    def relative_error(self) -> float: ...
+
+@final
+class MergeReport:
+    """What a merge (or a quantization / dequantization) did."""
+
+    @property
+    def output(self) -> Path: ...
+    @property
+    def tensors_total(self) -> int: ...
+    @property
+    def tensors_merged(self) -> int: ...
+    @property
+    def tensors_replaced(self) -> int: ...
+    @property
+    def tensors_added(self) -> int: ...
+    @property
+    def tensors_copied(self) -> int: ...
+    @property
+    def tensors_quantized(self) -> int: ...
+    @property
+    def tensors_dequantized(self) -> int: ...
+    @property
+    def elements_quantized(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def nonfinite_values(self) -> int: ...
+    @property
+    def warnings(self) -> list[str]: ...
+    @property
+    def tensors(self) -> list[TensorReport]: ...
+
+@final
+class ModuleReport:
+    """What one module of a combined, extracted or resized adapter became."""
+
+    @property
+    def module(self) -> str: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def energy(self) -> Optional[float]: ...
+
+@final
+class ArithReport:
+    """What combine, extract or resize wrote."""
+
+    @property
+    def output(self) -> Path: ...
+    @property
+    def modules(self) -> list[ModuleReport]: ...
+    @property
+    def saved_tensors(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def warnings(self) -> list[str]: ...
+    def energy_summary(self) -> Optional[dict[str, float]]: ...
+
 def merge(
     base: _Path,
     adapters: Sequence[_Path],
@@ -35,8 +116,16 @@ def merge(
     safe_merge: bool = False,
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
-    f32_outputs: Sequence[str] = ...,
-) -> dict[str, Any]: ...
+    requantize: bool = False,
+    quantize: Optional[str] = None,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: Optional[str] = None,
+    targets: Optional[Sequence[tuple[str, bool]]] = None,
+    skip_modules: Sequence[str] = ...,
+    torch_threads: int = 1,
+    stats: bool = True,
+) -> MergeReport: ...
 def combine(
     adapters: Sequence[_Path],
     out: _Path,
@@ -53,7 +142,7 @@ def combine(
     overwrite: bool = False,
     allow_different_bases: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
-) -> dict[str, Any]: ...
+) -> ArithReport: ...
 def extract(
     base: _Path,
     tuned: _Path,
@@ -70,7 +159,7 @@ def extract(
     threads: Optional[int] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
-) -> dict[str, Any]: ...
+) -> ArithReport: ...
 def resize(
     adapter: _Path,
     out: _Path,
@@ -81,7 +170,7 @@ def resize(
     threads: Optional[int] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
-) -> dict[str, Any]: ...
+) -> ArithReport: ...
 def check_output(out: _Path, inputs: Sequence[_Path], *, overwrite: bool = False) -> Path: ...
 def inspect_checkpoint(path: _Path) -> dict[str, Any]: ...
 def inspect_adapter(path: _Path) -> dict[str, Any]: ...
@@ -101,7 +190,7 @@ def quantize_checkpoint(
     quant_type: str,
     blocksize: int,
     double_quant: bool,
-    compute_dtype: str,
+    compute_dtype: Optional[str] = None,
     targets: Optional[Sequence[tuple[str, bool]]] = None,
     skip_modules: Sequence[str] = ...,
     keep_heads: bool = False,
@@ -109,7 +198,7 @@ def quantize_checkpoint(
     threads: Optional[int] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
-) -> dict[str, Any]: ...
+) -> MergeReport: ...
 def dequantize_checkpoint(
     qdir: _Path,
     out: _Path,
@@ -118,5 +207,4 @@ def dequantize_checkpoint(
     threads: Optional[int] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
-    only: Optional[Sequence[str]] = None,
-) -> dict[str, Any]: ...
+) -> MergeReport: ...

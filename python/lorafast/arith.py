@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import os
-import statistics
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from lorafast import _core
-from lorafast.merge import PathLike, _ProgressBar, resolve_model_path
+from lorafast._core import ArithReport, ModuleReport
+from lorafast.hub import PathLike, resolve_model_path
+from lorafast.progress import run_with_bar
+
+__all__ = ["combine", "extract", "resize", "ArithReport", "ModuleReport", "METHODS"]
 
 Method = Literal[
     "linear",
@@ -26,50 +27,6 @@ Method = Literal[
     "magnitude_prune_svd",
 ]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class ModuleResult:
-    """One module of the written adapter: its rank and, where the method approximates, the share of the
-    module's delta (squared Frobenius norm) that the written factors hold."""
-
-    module: str
-    rank: int
-    energy: Optional[float]
-
-
-@dataclass(frozen=True)
-class ArithReport:
-    """What combine, extract or resize wrote."""
-
-    output: Path
-    modules: list[ModuleResult]
-    saved_tensors: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-
-    def energy_summary(self) -> Optional[dict[str, float]]:
-        """Min, mean and median of the per-module energy shares (None when the method keeps everything)."""
-        values = [m.energy for m in self.modules if m.energy is not None]
-        if not values:
-            return None
-        return {"min": min(values), "mean": statistics.fmean(values), "median": statistics.median(values)}
-
-
-def _run(desc: str, progress: bool, call: Callable[[Any], dict[str, Any]]) -> ArithReport:
-    bar = _ProgressBar(desc) if progress else None
-    try:
-        raw = call(bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return ArithReport(
-        output=Path(raw["output"]),
-        modules=[ModuleResult(**m) for m in raw["modules"]],
-        saved_tensors=raw["saved_tensors"],
-        seconds=raw["seconds"],
-        warnings=list(raw["warnings"]),
-    )
 
 
 def combine(
@@ -116,7 +73,7 @@ def combine(
     """
     paths = [resolve_model_path(a) for a in adapters]
     ws = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    return _run(
+    return run_with_bar(
         "combine",
         progress,
         lambda bar: _core.combine(
@@ -175,7 +132,7 @@ def extract(
         An :class:`ArithReport` whose ``modules`` give each module's captured energy share.
     """
     b, t = resolve_model_path(base), resolve_model_path(tuned)
-    return _run(
+    return run_with_bar(
         "extract",
         progress,
         lambda bar: _core.extract(
@@ -215,7 +172,7 @@ def resize(
     scaling of every module is 1, so PEFT loads the result as it is.
     """
     path = resolve_model_path(adapter)
-    return _run(
+    return run_with_bar(
         "resize",
         progress,
         lambda bar: _core.resize(

@@ -42,21 +42,49 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         safe_merge=args.safe_merge,
         overwrite=args.overwrite,
         requantize=args.requantize,
+        quantize=args.quantize,
+        blocksize=args.blocksize,
+        double_quant=not args.no_double_quant,
+        compute_dtype=args.compute_dtype,
+        report=not args.quiet or args.report is not None,
     )
     for w in r.warnings:
         print(f"lorafast: warning: {w}", file=sys.stderr)
+    if args.report is not None:
+        _write_merge_report(r, args.report)
     if not args.quiet:
+        quantized = f", {r.tensors_quantized} quantized" if r.tensors_quantized else ""
         print(
             f"merged {len(args.adapters)} adapter(s) into {r.output}: {r.tensors_merged} tensors merged, "
-            f"{r.tensors_replaced + r.tensors_added} from the adapter, {r.tensors_copied} copied; "
+            f"{r.tensors_replaced + r.tensors_added} from the adapter, {r.tensors_copied} copied{quantized}; "
             f"{r.bytes_written / 1e9:.3f} GB in {r.seconds:.2f} s"
         )
+        if r.tensors:
+            kept = sorted(r.tensors, key=lambda t: t.retention)
+            median = kept[len(kept) // 2].retention
+            print(
+                f"kept {100 * median:.1f}% of the adapters' change (median over {len(kept)} weights; lowest "
+                f"{100 * kept[0].retention:.1f}% in {kept[0].name}; --report FILE.json for every weight)"
+            )
         if r.nonfinite_values:
             print(
                 f"lorafast: warning: {r.nonfinite_values} merged values are NaN/Inf (use --safe-merge to refuse)",
                 file=sys.stderr,
             )
     return 0
+
+
+def _write_merge_report(r, path: Path) -> None:
+    fields = ("name", "delta_norm", "weight_norm", "ratio", "retention", "relative_error")
+    report = {
+        "output": str(r.output),
+        "seconds": r.seconds,
+        "tensors_merged": r.tensors_merged,
+        "tensors_quantized": r.tensors_quantized,
+        "warnings": list(r.warnings),
+        "tensors": [{f: getattr(t, f) for f in fields} for t in r.tensors],
+    }
+    Path(path).write_text(json.dumps(report, indent=2))
 
 
 def _print_arith(verb: str, r, args: argparse.Namespace) -> None:
@@ -180,6 +208,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
     )
+    for w in r.warnings:
+        print(f"lorafast: warning: {w}", file=sys.stderr)
     if not args.quiet:
         print(
             f"quantized {r.tensors_quantized} weights ({r.elements_quantized / 1e6:.1f} M elements) to "
@@ -195,9 +225,11 @@ def _cmd_dequantize(args: argparse.Namespace) -> int:
     r = dequantize(
         args.qdir, args.out, dtype=args.dtype, threads=args.threads, progress=not args.quiet, overwrite=args.overwrite
     )
+    for w in r.warnings:
+        print(f"lorafast: warning: {w}", file=sys.stderr)
     if not args.quiet:
         print(
-            f"dequantized {r.tensors_quantized} weights, copied {r.tensors_copied} tensors -> {r.output} "
+            f"dequantized {r.tensors_dequantized} weights, copied {r.tensors_copied} tensors -> {r.output} "
             f"({r.bytes_written / 1e9:.3f} GB in {r.seconds:.2f} s)"
         )
     return 0
@@ -407,7 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with a 4-bit base: write 4-bit again (changed weights re-quantized from fp32)",
     )
-    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    m.add_argument("--quantize", choices=["nf4", "fp4"], help="with a float base: merge and quantize in one pass")
+    m.add_argument("--blocksize", type=int, default=64, choices=[32, 64, 128, 256, 512, 1024, 2048, 4096])
+    m.add_argument("--no-double-quant", action="store_true", help="with --quantize: keep the absmax in fp32")
+    m.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"], help="with --quantize: bnb_4bit_compute_dtype")
+    m.add_argument(
+        "--report", type=Path, metavar="FILE.json", help="per merged weight: how much of its change the output kept"
+    )
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or report (unless --report)")
     m.set_defaults(func=_cmd_merge)
 
     c = sub.add_parser("combine", help="combine LoRA adapters into one (PEFT's add_weighted_adapter, on files)")

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from lorafast import _core
+from lorafast._core import MergeReport
 from lorafast.errors import InvalidArgumentError
+from lorafast.hub import PathLike, resolve_model_path
+from lorafast.progress import run_with_bar
 
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _DTYPE_NAMES.update({v: v for v in list(_DTYPE_NAMES.values())})
@@ -43,6 +46,8 @@ def default_torch_threads() -> int:
 
 def _flat_input(A: Any) -> tuple[np.ndarray, str, tuple[int, ...], bool]:
     """(flat array for the kernel, dtype name, shape, is_torch)."""
+    import numpy as np
+
     if type(A).__module__.startswith("torch"):
         import torch
 
@@ -83,6 +88,8 @@ def quantize_4bit(
         ``(packed, state)``: packed uint8 codes of shape ``[(n + 1) // 2, 1]`` and the
         ``QuantState.as_dict(packed=True)`` dict (torch tensors for torch input, numpy otherwise).
     """
+    import numpy as np
+
     flat, dtype, shape, is_torch = _flat_input(A)
     raw = _core.quantize_4bit(
         flat, _DTYPE_NAMES[dtype], quant_type, blocksize, compress_statistics, torch_threads or default_torch_threads()
@@ -105,6 +112,8 @@ def quantize_4bit(
 
 
 def _to_numpy(x: Any) -> np.ndarray:
+    import numpy as np
+
     if type(x).__module__.startswith("torch"):
         return x.detach().to("cpu").contiguous().numpy()
     return np.asarray(x)
@@ -112,6 +121,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _read_state(state: Any) -> dict[str, Any]:
     """A QuantState, or its as_dict(packed=True) form, as plain values."""
+    import numpy as np
+
     if not isinstance(state, dict):  # a bitsandbytes QuantState
         out = {
             "quant_type": state.quant_type,
@@ -137,6 +148,8 @@ def _read_state(state: Any) -> dict[str, Any]:
 def dequantize_4bit(packed: Any, state: Any) -> Any:
     """Dequantize exactly as ``bitsandbytes.functional.dequantize_4bit`` (CPU): ``table[code] * absmax``
     in f32, rounded to the state's dtype. Takes a state dict or a bitsandbytes ``QuantState``."""
+    import numpy as np
+
     s = _read_state(state)
     absmax = s["absmax"]
     if "nested_absmax" in s:
@@ -165,23 +178,11 @@ def dequantize_4bit(packed: Any, state: Any) -> Any:
     return raw.view(np_dtype).reshape(shape)
 
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-
 # --- whole checkpoints ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QuantizeReport:
-    """What a checkpoint quantization or dequantization did."""
-
-    output: Path
-    tensors_quantized: int
-    tensors_copied: int
-    elements_quantized: int
-    bytes_written: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
+# Quantization and dequantization run through the merge engine and report as a merge does.
+QuantizeReport = MergeReport
 
 
 def plan_targets(base: PathLike, skip_modules: Optional[Sequence[str]] = None) -> Optional[list[tuple[str, bool]]]:
@@ -268,28 +269,24 @@ def quantize(
         >>> lorafast.quantize("llama-1b", "llama-1b-nf4")  # doctest: +SKIP
         >>> # AutoModelForCausalLM.from_pretrained("llama-1b-nf4") loads it in 4-bit.
     """
-    from lorafast.merge import _ProgressBar, resolve_model_path
-
     base = resolve_model_path(base)
     skips = list(skip_modules or [])
-    config = json.loads((Path(base) / "config.json").read_text()) if (Path(base) / "config.json").exists() else {}
     if plan not in ("auto", "names", "transformers"):
         raise InvalidArgumentError(f"plan {plan!r}: use auto, names or transformers")
-    use_transformers = plan == "transformers" or (
-        plan == "auto" and config.get("model_type") not in NAME_PLAN_MODEL_TYPES
-    )
-    if targets is None and use_transformers:
+    if targets is None and (
+        plan == "transformers" or (plan == "auto" and _model_type(base) not in NAME_PLAN_MODEL_TYPES)
+    ):
         targets = plan_targets(base, skips + ["lm_head"] if skips else None)
-    compute = compute_dtype or _DTYPE_NAMES.get(config.get("dtype") or config.get("torch_dtype") or "", "fp32")
-    bar = _ProgressBar("quantize") if progress else None
-    try:
-        raw = _core.quantize_checkpoint(
+    return run_with_bar(
+        "quantize",
+        progress,
+        lambda bar: _core.quantize_checkpoint(
             base,
             os.fspath(out),
             quant_type=quant_type,
             blocksize=blocksize,
             double_quant=double_quant,
-            compute_dtype=compute,
+            compute_dtype=compute_dtype,
             targets=None if targets is None else list(targets),
             # With skips, transformers adds no default ones; keep the output head unquantized explicitly.
             skip_modules=(["lm_head"] + [s for s in skips if s != "lm_head"]) if skips else [],
@@ -298,12 +295,16 @@ def quantize(
             threads=threads,
             overwrite=overwrite,
             progress=bar,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    raw["output"] = Path(raw["output"])
-    return QuantizeReport(**raw)
+        ),
+    )
+
+
+def _model_type(base: str) -> Optional[str]:
+    """config.json's model_type, to choose the plan (a missing config is the core's to report)."""
+    try:
+        return json.loads((Path(base) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def dequantize(
@@ -314,25 +315,13 @@ def dequantize(
     threads: Optional[int] = None,
     progress: bool = True,
     overwrite: bool = False,
-    only: Optional[Sequence[str]] = None,
 ) -> QuantizeReport:
     """Turn a pre-quantized 4-bit checkpoint back into a normal one: each weight equals
     ``bitsandbytes.functional.dequantize_4bit`` of it (in the quant state's dtype, or ``dtype``)."""
-    from lorafast.merge import _ProgressBar
-
-    bar = _ProgressBar("dequantize") if progress else None
-    try:
-        raw = _core.dequantize_checkpoint(
-            os.fspath(qdir),
-            os.fspath(out),
-            dtype=dtype,
-            threads=threads,
-            overwrite=overwrite,
-            progress=bar,
-            only=None if only is None else list(only),
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    raw["output"] = Path(raw["output"])
-    return QuantizeReport(**raw)
+    return run_with_bar(
+        "dequantize",
+        progress,
+        lambda bar: _core.dequantize_checkpoint(
+            os.fspath(qdir), os.fspath(out), dtype=dtype, threads=threads, overwrite=overwrite, progress=bar
+        ),
+    )

@@ -248,6 +248,16 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// Fail now if OUT's filesystem cannot hold `bytes` more.
+    pub fn check_space(&self, bytes: u64) -> Result<()> {
+        self.staging.check_space(bytes)
+    }
+
+    /// The staging folder (scratch files may live there, removed before `finish`).
+    pub fn dir(&self) -> &Path {
+        &self.staging.tmp
+    }
+
     /// What claiming OUT cleared away (leftovers of killed runs), one line each.
     pub fn notices(&self) -> Vec<String> {
         self.staging.notices.clone()

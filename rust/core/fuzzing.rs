@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::core::checkpoint::{Checkpoint, INDEX_NAME, SINGLE_NAME};
 use crate::core::peft::{Adapter, CONFIG_NAME, WEIGHTS_NAME};
 use crate::core::progress::Silent;
-use crate::core::quant::checkpoint::{dequantize_checkpoint, quantized_weights, DequantizeOptions};
+use crate::core::quant::checkpoint::{dequantize_checkpoint, quantized_weights};
 
 /// A fuzz target: arbitrary bytes in, no panic out.
 pub type Target = fn(&[u8]);
@@ -122,12 +122,7 @@ pub fn quantized_checkpoint(data: &[u8]) {
     if quantized_weights(&ck).is_err() {
         return;
     }
-    let opts = DequantizeOptions {
-        threads: Some(1),
-        overwrite: true,
-        ..Default::default()
-    };
-    let _ = dequantize_checkpoint(&dir, &root.join("out"), &opts, &Silent);
+    let _ = dequantize_checkpoint(&dir, &root.join("out"), None, Some(1), true, &Silent);
 }
 
 #[cfg(test)]

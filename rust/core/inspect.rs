@@ -20,6 +20,8 @@ pub struct CheckpointSummary {
     pub tensors: Vec<TensorSummary>,
     pub parameters: u64,
     pub total_bytes: u64,
+    /// bitsandbytes 4-bit weights (those with a quant state).
+    pub quantized_weights: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +56,7 @@ pub fn checkpoint(dir: &Path) -> Result<CheckpointSummary> {
         })
         .collect();
     Ok(CheckpointSummary {
+        quantized_weights: crate::core::quant::checkpoint::quantized_weights(&ck)?.len(),
         parameters: ck.entries().map(|(_, t)| t.numel() as u64).sum(),
         total_bytes: ck.total_bytes(),
         shards: ck.shard_names.clone(),

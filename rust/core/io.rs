@@ -227,16 +227,22 @@ impl OutputFile {
     /// Copy a tensor's bytes unchanged from an input file: in the kernel where it can, so that untouched
     /// tensors never pass through user space.
     pub fn copy_from(&self, name: &str, src: &SafetensorsFile, entry: &TensorEntry) -> Result<()> {
+        self.copy_range(name, src.file(), &src.path, entry.offset, entry.len)
+    }
+
+    /// Copy `len` bytes at `src_off` of `src` into the start of tensor `name` (in the kernel where it can).
+    pub fn copy_range(&self, name: &str, src: &File, src_path: &Path, src_off: u64, len: u64) -> Result<()> {
         let dst_off = self.offset_of(name);
-        if copy_range_in_kernel(src.file(), entry.offset, &self.file, dst_off, entry.len) {
+        if copy_range_in_kernel(src, src_off, &self.file, dst_off, len) {
             return Ok(());
         }
         const CHUNK: u64 = 8 << 20;
-        let mut buf = vec![0u8; CHUNK.min(entry.len) as usize];
+        let mut buf = vec![0u8; CHUNK.min(len) as usize];
         let mut done = 0u64;
-        while done < entry.len {
-            let n = CHUNK.min(entry.len - done) as usize;
-            src.read_bytes(entry, done, &mut buf[..n])?;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            src.read_exact_at(&mut buf[..n], src_off + done)
+                .map_err(|e| Error::io(src_path, e))?;
             self.file
                 .write_all_at(&buf[..n], dst_off + done)
                 .map_err(|e| Error::io(&self.path, e))?;

@@ -33,3 +33,13 @@ pub fn is_embedding(leaf: &str) -> bool {
 pub fn is_embedding_or_output(leaf: &str) -> bool {
     is_embedding(leaf) || OUTPUTS.contains(&leaf)
 }
+
+/// GPT-2-family models store these projections as Conv1D, (in, out): PEFT forces fan_in_fan_out there,
+/// and transformers quantizes their transpose.
+pub fn is_conv1d(model_type: Option<&str>, module: &str) -> bool {
+    let family = matches!(
+        model_type,
+        Some("gpt2" | "openai-gpt" | "imagegpt" | "decision_transformer")
+    );
+    family && matches!(leaf(module), "c_attn" | "c_proj" | "c_fc" | "q_attn")
+}

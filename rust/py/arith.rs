@@ -1,41 +1,23 @@
-//! Binding for adapter arithmetic: combine, extract, resize. Each returns the report as a dict.
+//! Binding for adapter arithmetic: combine, extract, resize. Each returns an `ArithReport`.
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
 
 use super::errors::to_py;
 use super::parse_dtype;
+use super::reports::{arith_report, ArithReport};
 use super::run::{run_detached, PyProgress};
 use crate::core::arith::lowrank::RandomizedOptions;
 use crate::core::arith::merge_fns::MajoritySign;
-use crate::core::arith::{self, ArithReport, CombineOptions, ExtractOptions, Method, ResizeOptions};
+use crate::core::arith::{self, CombineOptions, ExtractOptions, Method, ResizeOptions};
 use crate::core::dtype::FloatType;
 use crate::core::Error;
-
-fn report<'py>(py: Python<'py>, r: ArithReport) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("output", r.output)?;
-    d.set_item("saved_tensors", r.saved_tensors)?;
-    d.set_item("seconds", r.seconds)?;
-    d.set_item("warnings", r.warnings)?;
-    let modules = PyList::empty(py);
-    for m in r.modules {
-        let md = PyDict::new(py);
-        md.set_item("module", m.module)?;
-        md.set_item("rank", m.rank)?;
-        md.set_item("energy", m.energy)?;
-        modules.append(md)?;
-    }
-    d.set_item("modules", modules)?;
-    Ok(d)
-}
 
 #[pyfunction]
 #[pyo3(signature = (adapters, out, *, weights, method, density=None, rank=None, majority_sign="total", seed=0, svd_clamp=None, dtype=None, threads=None, overwrite=false, allow_different_bases=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
-pub fn combine<'py>(
-    py: Python<'py>,
+pub fn combine(
+    py: Python<'_>,
     adapters: Vec<PathBuf>,
     out: PathBuf,
     weights: Vec<f64>,
@@ -50,7 +32,7 @@ pub fn combine<'py>(
     overwrite: bool,
     allow_different_bases: bool,
     progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<ArithReport> {
     let majority_sign = match majority_sign {
         "total" => MajoritySign::Total,
         "frequency" => MajoritySign::Frequency,
@@ -76,14 +58,14 @@ pub fn combine<'py>(
     let r = run_detached(py, PyProgress::new(progress), |p| {
         arith::combine(&adapters, &out, &opts, p)
     })?;
-    report(py, r)
+    arith_report(py, r)
 }
 
 #[pyfunction]
 #[pyo3(signature = (base, tuned, out, *, rank, energy=None, targets=None, modules_to_save=false, dtype=None, oversample=None, tol=None, max_iters=None, threads=None, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
-pub fn extract<'py>(
-    py: Python<'py>,
+pub fn extract(
+    py: Python<'_>,
     base: PathBuf,
     tuned: PathBuf,
     out: PathBuf,
@@ -98,7 +80,7 @@ pub fn extract<'py>(
     threads: Option<usize>,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<ArithReport> {
     let d = RandomizedOptions::default();
     let opts = ExtractOptions {
         rank,
@@ -118,14 +100,14 @@ pub fn extract<'py>(
     let r = run_detached(py, PyProgress::new(progress), |p| {
         arith::extract(&base, &tuned, &out, &opts, p)
     })?;
-    report(py, r)
+    arith_report(py, r)
 }
 
 #[pyfunction]
 #[pyo3(signature = (adapter, out, *, rank=None, energy=None, dtype=None, threads=None, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
-pub fn resize<'py>(
-    py: Python<'py>,
+pub fn resize(
+    py: Python<'_>,
     adapter: PathBuf,
     out: PathBuf,
     rank: Option<usize>,
@@ -134,7 +116,7 @@ pub fn resize<'py>(
     threads: Option<usize>,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<ArithReport> {
     let opts = ResizeOptions {
         rank,
         energy,
@@ -145,5 +127,5 @@ pub fn resize<'py>(
     let r = run_detached(py, PyProgress::new(progress), |p| {
         arith::resize(&adapter, &out, &opts, p)
     })?;
-    report(py, r)
+    arith_report(py, r)
 }

@@ -2,6 +2,7 @@
 mod arith;
 mod errors;
 mod quant;
+mod reports;
 mod run;
 
 use std::path::PathBuf;
@@ -10,9 +11,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::core::dtype::FloatType;
-use crate::core::merge::{merge as merge_checkpoint, MergeOptions};
+use crate::core::merge::{merge as merge_checkpoint, MergeOptions, Mode, QuantizeSpec};
+use crate::core::quant::{check_blocksize, QuantType, QuantizeOptions};
 use crate::core::{inspect, Error};
 use errors::to_py;
+use reports::{merge_report, MergeReport};
 use run::{run_detached, PyProgress};
 
 fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<FloatType>> {
@@ -26,10 +29,10 @@ fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<FloatType>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (base, adapters, out, *, weights=None, dtype=None, threads=None, safe_merge=false, overwrite=false, progress=None, f32_outputs=vec![]))]
+#[pyo3(signature = (base, adapters, out, *, weights=None, dtype=None, threads=None, safe_merge=false, overwrite=false, progress=None, requantize=false, quantize=None, blocksize=64, double_quant=true, compute_dtype=None, targets=None, skip_modules=vec![], torch_threads=1, stats=true))]
 #[allow(clippy::too_many_arguments)]
-fn merge<'py>(
-    py: Python<'py>,
+fn merge(
+    py: Python<'_>,
     base: PathBuf,
     adapters: Vec<PathBuf>,
     out: PathBuf,
@@ -39,31 +42,56 @@ fn merge<'py>(
     safe_merge: bool,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
-    f32_outputs: Vec<String>,
-) -> PyResult<Bound<'py, PyDict>> {
+    requantize: bool,
+    quantize: Option<&str>,
+    blocksize: usize,
+    double_quant: bool,
+    compute_dtype: Option<&str>,
+    targets: Option<Vec<(String, bool)>>,
+    skip_modules: Vec<String>,
+    torch_threads: usize,
+    stats: bool,
+) -> PyResult<MergeReport> {
+    if adapters.is_empty() {
+        return Err(to_py(Error::InvalidArgument("no adapter given".into())));
+    }
+    let mode = match (requantize, quantize) {
+        (true, Some(_)) => {
+            return Err(to_py(Error::InvalidArgument(
+                "--requantize keeps a 4-bit base's settings; --quantize quantizes a float base: give one".into(),
+            )))
+        }
+        (true, None) => Mode::Requantize,
+        (false, Some(qt)) => {
+            check_blocksize(blocksize).map_err(to_py)?;
+            Mode::Quantize(QuantizeSpec {
+                quant: QuantizeOptions {
+                    quant_type: QuantType::parse(qt).map_err(to_py)?,
+                    blocksize,
+                    double_quant,
+                    torch_threads: torch_threads.max(1),
+                },
+                compute_dtype: parse_dtype(compute_dtype)?,
+                targets,
+                skip_modules,
+            })
+        }
+        (false, None) => Mode::Float,
+    };
     let opts = MergeOptions {
         weights,
         dtype: parse_dtype(dtype)?,
         threads,
         safe_merge,
         overwrite,
-        f32_outputs,
+        mode,
+        torch_threads: torch_threads.max(1),
+        stats,
     };
     let report = run_detached(py, PyProgress::new(progress), |p| {
         merge_checkpoint(&base, &adapters, &out, &opts, p)
     })?;
-    let d = PyDict::new(py);
-    d.set_item("output", report.output)?;
-    d.set_item("tensors_total", report.tensors_total)?;
-    d.set_item("tensors_merged", report.tensors_merged)?;
-    d.set_item("tensors_replaced", report.tensors_replaced)?;
-    d.set_item("tensors_added", report.tensors_added)?;
-    d.set_item("tensors_copied", report.tensors_copied)?;
-    d.set_item("bytes_written", report.bytes_written)?;
-    d.set_item("seconds", report.seconds)?;
-    d.set_item("nonfinite_values", report.nonfinite_values)?;
-    d.set_item("warnings", report.warnings)?;
-    Ok(d)
+    merge_report(py, report)
 }
 
 /// The output guard alone (OUT must not overlap an input; an existing OUT needs overwrite), for
@@ -82,6 +110,7 @@ fn inspect_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py
     d.set_item("shards", s.shards)?;
     d.set_item("parameters", s.parameters)?;
     d.set_item("total_bytes", s.total_bytes)?;
+    d.set_item("quantized_weights", s.quantized_weights)?;
     let tensors = PyList::empty(py);
     for t in s.tensors {
         let td = PyDict::new(py);
@@ -121,6 +150,10 @@ fn inspect_adapter<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
 #[pymodule(name = "_core")]
 fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<reports::MergeReport>()?;
+    m.add_class::<reports::TensorReport>()?;
+    m.add_class::<reports::ArithReport>()?;
+    m.add_class::<reports::ModuleReport>()?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(check_output, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;

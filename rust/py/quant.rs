@@ -1,6 +1,8 @@
 //! Binding for the 4-bit kernels: numpy arrays in (borrowed, no copy), numpy arrays out (moved).
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+
+use super::reports::{merge_report, MergeReport};
 use pyo3::types::PyDict;
 
 use super::errors::to_py;
@@ -116,32 +118,17 @@ pub fn dequantize_4bit<'py>(
     Ok(PyArray1::from_vec(py, out))
 }
 
-fn report_dict<'py>(
-    py: Python<'py>,
-    r: crate::core::quant::checkpoint::QuantizeReport,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("output", r.output)?;
-    d.set_item("tensors_quantized", r.tensors_quantized)?;
-    d.set_item("tensors_copied", r.tensors_copied)?;
-    d.set_item("elements_quantized", r.elements_quantized)?;
-    d.set_item("bytes_written", r.bytes_written)?;
-    d.set_item("seconds", r.seconds)?;
-    d.set_item("warnings", r.warnings)?;
-    Ok(d)
-}
-
 #[pyfunction]
-#[pyo3(signature = (base, out, *, quant_type, blocksize, double_quant, compute_dtype, targets=None, skip_modules=vec![], keep_heads=false, torch_threads=1, threads=None, overwrite=false, progress=None))]
+#[pyo3(signature = (base, out, *, quant_type, blocksize, double_quant, compute_dtype=None, targets=None, skip_modules=vec![], keep_heads=false, torch_threads=1, threads=None, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
-pub fn quantize_checkpoint<'py>(
-    py: Python<'py>,
+pub fn quantize_checkpoint(
+    py: Python<'_>,
     base: std::path::PathBuf,
     out: std::path::PathBuf,
     quant_type: &str,
     blocksize: usize,
     double_quant: bool,
-    compute_dtype: &str,
+    compute_dtype: Option<&str>,
     targets: Option<Vec<(String, bool)>>,
     skip_modules: Vec<String>,
     keep_heads: bool,
@@ -149,7 +136,7 @@ pub fn quantize_checkpoint<'py>(
     threads: Option<usize>,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<MergeReport> {
     use crate::core::quant::checkpoint::{quantize_checkpoint as run, QuantizeCheckpointOptions};
     let opts = QuantizeCheckpointOptions {
         quant: QuantizeOptions {
@@ -158,7 +145,7 @@ pub fn quantize_checkpoint<'py>(
             double_quant,
             torch_threads: torch_threads.max(1),
         },
-        compute_dtype: float_type(compute_dtype)?,
+        compute_dtype: compute_dtype.map(float_type).transpose()?,
         targets,
         skip_modules,
         keep_heads,
@@ -168,31 +155,24 @@ pub fn quantize_checkpoint<'py>(
     let r = super::run::run_detached(py, super::run::PyProgress::new(progress), |p| {
         run(&base, &out, &opts, p)
     })?;
-    report_dict(py, r)
+    merge_report(py, r)
 }
 
 #[pyfunction]
-#[pyo3(signature = (qdir, out, *, dtype=None, threads=None, overwrite=false, progress=None, only=None))]
-#[allow(clippy::too_many_arguments)]
-pub fn dequantize_checkpoint<'py>(
-    py: Python<'py>,
+#[pyo3(signature = (qdir, out, *, dtype=None, threads=None, overwrite=false, progress=None))]
+pub fn dequantize_checkpoint(
+    py: Python<'_>,
     qdir: std::path::PathBuf,
     out: std::path::PathBuf,
     dtype: Option<&str>,
     threads: Option<usize>,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
-    only: Option<Vec<String>>,
-) -> PyResult<Bound<'py, PyDict>> {
-    use crate::core::quant::checkpoint::{dequantize_checkpoint as run, DequantizeOptions};
-    let opts = DequantizeOptions {
-        dtype: dtype.map(float_type).transpose()?,
-        threads,
-        overwrite,
-        only,
-    };
+) -> PyResult<MergeReport> {
+    use crate::core::quant::checkpoint::dequantize_checkpoint as run;
+    let dtype = dtype.map(float_type).transpose()?;
     let r = super::run::run_detached(py, super::run::PyProgress::new(progress), |p| {
-        run(&qdir, &out, &opts, p)
+        run(&qdir, &out, dtype, threads, overwrite, p)
     })?;
-    report_dict(py, r)
+    merge_report(py, r)
 }

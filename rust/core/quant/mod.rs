@@ -215,6 +215,34 @@ pub fn quantize_codes(input: Input<'_>, quant_type: QuantType, bs: usize, packed
         });
 }
 
+/// [`quantize_codes`] on this thread for a run of whole blocks (only a tensor's last may be partial):
+/// `packed` gets (len + 1) / 2 bytes, `absmax` one value per block, and `codes` (scratch the caller
+/// keeps) each element's 4-bit code.
+pub fn quantize_run(
+    x: &[f32],
+    quant_type: QuantType,
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    codes: &mut Vec<u8>,
+) {
+    let len = x.len();
+    let bucketizer = quant_type.bucketizer();
+    codes.resize(len + 1, 0);
+    codes[len] = bucketizer.code(0.0); // the zero that pads an odd count
+    kernels::block_codes(
+        x,
+        bs,
+        &bucketizer.bounds,
+        &mut codes[..len],
+        &mut absmax[..len.div_ceil(bs)],
+    );
+    if quant_type == QuantType::Fp4 {
+        kernels::remap(&mut codes[..len], &bucketizer.order);
+    }
+    kernels::pack(&codes[..len + 1], &mut packed[..len.div_ceil(2)]);
+}
+
 /// The hot loops, written for the vectorizer and compiled per instruction set (see `dtype::simd`).
 mod kernels {
     use super::block_absmax;
@@ -331,6 +359,39 @@ pub fn dequantize_4bit(
     let mut out = vec![0u8; n * dtype.size()];
     dequantize_into(packed, absmax, quant_type, blocksize, dtype, &mut out);
     Ok(out)
+}
+
+/// `table[code] * absmax` as f32 for elements [start, start + out.len()) of a 4-bit weight, on this
+/// thread: `packed` begins at the byte of element `start` (even), `absmax` is the whole weight's.
+pub fn dequantize_run(
+    packed: &[u8],
+    absmax: &[f32],
+    quant_type: QuantType,
+    blocksize: usize,
+    start: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(start % 2 == 0 && blocksize % 2 == 0);
+    let table = quant_type.table();
+    let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [table[b >> 4], table[b & 15]]);
+    let mut done = 0;
+    while done < out.len() {
+        let e = start + done;
+        // Block boundaries are even, so every run but a tensor's last starts and ends on a byte.
+        let end = (done + blocksize - e % blocksize).min(out.len());
+        let even = (end - done) / 2 * 2;
+        let a = absmax[e / blocksize];
+        kernels::dequantize_block(
+            &packed[done / 2..(done + even) / 2],
+            &pairs,
+            a,
+            &mut out[done..done + even],
+        );
+        if even < end - done {
+            out[end - 1] = table[(packed[(end - 1) / 2] >> 4) as usize] * a;
+        }
+        done = end;
+    }
 }
 
 /// [`dequantize_4bit`] into a caller's buffer of `n * dtype.size()` bytes (sizes already checked).
