@@ -47,7 +47,7 @@ pub fn output_config(
     }
     // A trainer that had to choose a pad token (GPT-2 has none) saved it with the adapter's tokenizer;
     // the merged model needs its id to run on padded batches (sequence classification above all).
-    if c.get("pad_token_id").map_or(true, Value::is_null) {
+    if c.get("pad_token_id").is_none_or(Value::is_null) {
         if let Some(id) = adapters.iter().find_map(|a| pad_token_id(&a.dir)) {
             c["pad_token_id"] = Value::from(id);
         }

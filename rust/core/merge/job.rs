@@ -179,13 +179,18 @@ impl<'a> Work<'a> {
         (rows / step).max(1) * step
     }
 
+    /// Whether the merge works on the base rounded to a narrower type than it is stored in.
+    fn rounds_base(&self) -> bool {
+        self.work != self.source.value_type() && self.work != FloatType::F32
+    }
+
     /// Read rows [r0, r0 + n) as loaded (`base`) and rounded to the working type (`w`): PEFT loads the
     /// base in the dtype it merges in.
     fn read(&self, r0: usize, n: usize, raw: &mut Vec<u32>, base: &mut [f32], w: &mut [f32]) -> Result<()> {
         let len = n * self.cols;
         self.source.read(r0 * self.cols, &mut base[..len], raw)?;
         w[..len].copy_from_slice(&base[..len]);
-        if self.work != self.source.value_type() && self.work != FloatType::F32 {
+        if self.rounds_base() {
             round_to(self.work, &mut w[..len]);
         }
         Ok(())
@@ -316,7 +321,7 @@ impl<'a> Work<'a> {
         let tile = tile_rows * cols;
         let (mut raw, mut encoded) = (Vec::new(), Vec::new());
         let (mut base, mut w, mut delta) = (vec![0f32; tile], vec![0f32; tile], vec![0f32; tile]);
-        let mut out = vec![0f32; if self.stats.is_some() { tile } else { 0 }];
+        let mut out = Vec::new();
         let mut four_bit = match self.job.output {
             Output::FourBit(q) => Some(FourBitSink::new(q, self.job.numel())),
             _ => None,
@@ -333,26 +338,25 @@ impl<'a> Work<'a> {
             let n = tile_rows.min(rows - r0);
             let len = n * cols;
             self.read(r0, n, &mut raw, &mut base, &mut w)?;
-            let w0 = self.stats.is_some().then(|| w[..len].to_vec());
             self.apply_steps(r0, n, &mut w[..len], &mut delta[..len]);
-            if let Some(w0) = &w0 {
-                for ((d, v), b) in delta[..len].iter_mut().zip(&w[..len]).zip(w0) {
-                    *d = v - b; // the intended change, before rounding
-                }
-            }
             match (self.job.output, &mut four_bit) {
                 (Output::Float(t), _) => {
                     let flagged =
                         write_float(self.ctx.dest, &self.job.out_name, t, r0 * cols, &w[..len], &mut encoded)?;
                     nonfinite += self.check_finite(&w[..len], flagged, t)?;
+                    let rb = self.rounds_base();
                     if let Some(acc) = &mut self.stats {
-                        for (o, v) in out[..len].iter_mut().zip(&w[..len]) {
-                            *o = t.round_trip(*v);
-                        }
-                        acc.add_known(&base[..len], &delta[..len], &out[..len]);
+                        acc.add_float(&base[..len], &w[..len], t, rb);
                     }
                 }
                 (Output::FourBit(q), Some(sink)) => {
+                    if self.stats.is_some() {
+                        // The intended change, before rounding: merged minus the base the merge worked on.
+                        let rb = self.rounds_base();
+                        for ((d, v), b) in delta[..len].iter_mut().zip(&w[..len]).zip(&base[..len]) {
+                            *d = v - if rb { self.work.round_trip(*b) } else { *b };
+                        }
+                    }
                     nonfinite += self.check_finite(&w[..len], simd::any_nonfinite(&w[..len]), q.state_dtype)?;
                     round_to(q.state_dtype, &mut w[..len]);
                     if transposed {

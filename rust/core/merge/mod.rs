@@ -233,7 +233,9 @@ fn retention_warning(tensors: &[TensorStats], jobs: &[plan::Job]) -> Option<Stri
     if tensors.is_empty() || 2 * lost <= tensors.len() {
         return None;
     }
-    let four_bit = jobs.iter().any(|j| !j.steps.is_empty() && matches!(j.output, Output::FourBit(_)));
+    let four_bit = jobs
+        .iter()
+        .any(|j| !j.steps.is_empty() && matches!(j.output, Output::FourBit(_)));
     let instead = if four_bit {
         "merge to a bf16 (or fp32) checkpoint instead of 4-bit, or keep the adapter separate"
     } else {

@@ -169,7 +169,7 @@ impl<'a> Source<'a> {
                 dtype,
                 absmax,
             } => {
-                debug_assert!(start % 2 == 0, "4-bit reads start on a byte");
+                debug_assert!(start.is_multiple_of(2), "4-bit reads start on a byte");
                 let nbytes = len.div_ceil(2);
                 raw.resize(nbytes.div_ceil(4), 0);
                 let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(raw)[..nbytes];

@@ -371,8 +371,14 @@ pub fn dequantize_run(
     start: usize,
     out: &mut [f32],
 ) {
-    debug_assert!(start % 2 == 0 && blocksize % 2 == 0);
+    debug_assert!(start.is_multiple_of(2) && blocksize.is_multiple_of(2));
     let table = quant_type.table();
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU supports AVX-512 F and BW (checked just above).
+        unsafe { lookup::dequantize_run_avx512(packed, absmax, &table, blocksize, start, out) };
+        return;
+    }
     let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [table[b >> 4], table[b & 15]]);
     let mut done = 0;
     while done < out.len() {
@@ -394,6 +400,60 @@ pub fn dequantize_run(
     }
 }
 
+/// Dequantization as 16-way table lookups: the 16 code values times a block's absmax fill one AVX-512
+/// register, and `vpermps` looks up 16 codes at once. `table[code] * absmax` is the same f32 product
+/// whichever way it is taken, so the result is bit-identical to the scalar kernel.
+#[cfg(target_arch = "x86_64")]
+mod lookup {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dequantize_run_avx512(
+        packed: &[u8],
+        absmax: &[f32],
+        table: &[f32; 16],
+        blocksize: usize,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        let t = _mm512_loadu_ps(table.as_ptr());
+        let low = _mm_set1_epi8(0x0F);
+        let mut done = 0;
+        while done < out.len() {
+            let e = start + done;
+            let end = (done + blocksize - e % blocksize).min(out.len());
+            let a = absmax[e / blocksize];
+            let scaled = _mm512_mul_ps(t, _mm512_set1_ps(a));
+            let mut i = done;
+            // 32 elements (16 bytes) at a time: high nibbles first, as bitsandbytes packs them.
+            while i + 32 <= end {
+                assert!(i / 2 + 16 <= packed.len() && i + 32 <= out.len());
+                // SAFETY: bytes i/2 .. i/2 + 16 lie inside `packed` (asserted above).
+                let bytes = _mm_loadu_si128(packed.as_ptr().add(i / 2) as *const __m128i);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+                let lo = _mm_and_si128(bytes, low);
+                let first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+                let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
+                // SAFETY: elements i .. i + 32 lie inside `out` (asserted above).
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_permutexvar_ps(first, scaled));
+                _mm512_storeu_ps(out.as_mut_ptr().add(i + 16), _mm512_permutexvar_ps(second, scaled));
+                i += 32;
+            }
+            while i < end {
+                let b = packed[i / 2];
+                out[i] = table[(b >> 4) as usize] * a;
+                if i + 1 < end {
+                    out[i + 1] = table[(b & 15) as usize] * a;
+                }
+                i += 2;
+            }
+            done = end;
+        }
+    }
+}
+
 /// [`dequantize_4bit`] into a caller's buffer of `n * dtype.size()` bytes (sizes already checked).
 pub fn dequantize_into(
     packed: &[u8],
@@ -403,26 +463,21 @@ pub fn dequantize_into(
     dtype: FloatType,
     out: &mut [u8],
 ) {
-    let table = quant_type.table();
-    // Both values of a packed byte at once: one lookup per two elements.
-    let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [table[b >> 4], table[b & 15]]);
     let task_elems = BLOCKS_PER_TASK * blocksize;
-    // One spare slot: an odd count still decodes whole bytes. Reused per worker.
+    // Reused per worker.
     out.par_chunks_mut(task_elems * dtype.size()).enumerate().for_each_init(
-        || vec![0f32; task_elems + 1],
+        || vec![0f32; task_elems],
         |vals, (t, bytes)| {
             let start = t * task_elems;
             let len = bytes.len() / dtype.size();
-            for b in 0..len.div_ceil(blocksize) {
-                let (e, lo) = (start + b * blocksize, b * blocksize);
-                let even = blocksize.min(len - lo).div_ceil(2) * 2;
-                kernels::dequantize_block(
-                    &packed[e / 2..(e + even) / 2],
-                    &pairs,
-                    absmax[e / blocksize],
-                    &mut vals[lo..lo + even],
-                );
-            }
+            dequantize_run(
+                &packed[start / 2..],
+                absmax,
+                quant_type,
+                blocksize,
+                start,
+                &mut vals[..len],
+            );
             dtype.encode_checked(&vals[..len], bytes);
         },
     );
