@@ -24,6 +24,7 @@ __all__ = [
     "quantize_4bit",
     "dequantize_4bit",
     "dequantize_nested",
+    "parse_quant_state",
     "quantize_checkpoint",
     "dequantize_checkpoint",
 ]
@@ -175,8 +176,15 @@ def check_output(out: _Path, inputs: Sequence[_Path], *, overwrite: bool = False
 def inspect_checkpoint(path: _Path) -> dict[str, Any]: ...
 def inspect_adapter(path: _Path) -> dict[str, Any]: ...
 def quantize_4bit(
-    data: npt.NDArray[Any], dtype: str, quant_type: str, blocksize: int, double_quant: bool, torch_threads: int
+    data: npt.NDArray[Any],
+    dtype: str,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    torch_threads: int,
+    shape: Sequence[int],
 ) -> dict[str, Any]: ...
+def parse_quant_state(data: bytes) -> dict[str, Any]: ...
 def dequantize_4bit(
     packed: npt.NDArray[np.uint8], absmax: npt.NDArray[np.float32], quant_type: str, blocksize: int, n: int, dtype: str
 ) -> npt.NDArray[np.uint8]: ...

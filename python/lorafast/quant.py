@@ -29,9 +29,6 @@ from lorafast.errors import InvalidArgumentError
 from lorafast.hub import PathLike, resolve_model_path
 from lorafast.progress import run_with_bar
 
-_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_DTYPE_NAMES.update({v: v for v in list(_DTYPE_NAMES.values())})
-
 
 def default_torch_threads() -> int:
     """The intra-op thread count torch would use: the double-quant offset's summation order depends
@@ -92,16 +89,14 @@ def quantize_4bit(
 
     flat, dtype, shape, is_torch = _flat_input(A)
     raw = _core.quantize_4bit(
-        flat, _DTYPE_NAMES[dtype], quant_type, blocksize, compress_statistics, torch_threads or default_torch_threads()
+        flat, dtype, quant_type, blocksize, compress_statistics, torch_threads or default_torch_threads(), list(shape)
     )
-    qstate: dict[str, Any] = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": list(shape)}
     state: dict[str, Any] = {"absmax": raw["absmax"], "quant_map": raw["quant_map"]}
     if compress_statistics:
         state["nested_absmax"] = raw["nested_absmax"]
         state["nested_quant_map"] = raw["nested_quant_map"]
-        qstate.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(raw["nested_offset"]))
-    # bitsandbytes.utils.pack_dict_to_tensor: json.dumps with default separators, as uint8.
-    state[f"quant_state.bitsandbytes__{quant_type}"] = np.frombuffer(json.dumps(qstate).encode(), dtype=np.uint8).copy()
+    # The core writes the quant state's JSON; bitsandbytes stores it as uint8 (pack_dict_to_tensor).
+    state[f"quant_state.bitsandbytes__{quant_type}"] = np.frombuffer(raw["quant_state"].encode(), dtype=np.uint8).copy()
     packed = raw["packed"].reshape(-1, 1)
     if is_torch:
         import torch
@@ -139,7 +134,7 @@ def _read_state(state: Any) -> dict[str, Any]:
             )
         return out
     key = next((k for k in state if "quant_state" in k), None)
-    meta = json.loads(bytes(_to_numpy(state[key]).astype(np.uint8)).decode()) if key else {}
+    meta = _core.parse_quant_state(bytes(_to_numpy(state[key]).astype(np.uint8))) if key else {}
     out = {**meta, **{k.split(".")[-1]: v for k, v in state.items() if k != key}}
     out["absmax"] = _to_numpy(out["absmax"])
     return out
@@ -168,7 +163,7 @@ def dequantize_4bit(packed: Any, state: Any) -> Any:
         s["quant_type"],
         int(s["blocksize"]),
         n,
-        _DTYPE_NAMES[dtype],
+        dtype,
     )
     if type(packed).__module__.startswith("torch"):
         import torch

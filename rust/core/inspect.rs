@@ -42,6 +42,8 @@ pub struct AdapterSummary {
     pub modules: Vec<ModuleSummary>,
     pub saved_tensors: Vec<String>,
     pub ignored_modules: Vec<String>,
+    /// The label count of a classification head saved with the adapter (its smallest saved matrix).
+    pub num_labels: Option<usize>,
 }
 
 pub fn checkpoint(dir: &Path) -> Result<CheckpointSummary> {
@@ -91,5 +93,13 @@ pub fn adapter(dir: &Path) -> Result<AdapterSummary> {
         modules,
         saved_tensors: a.saved.iter().map(|s| s.key.clone()).collect(),
         ignored_modules: a.ignored_modules.clone(),
+        num_labels: a
+            .saved
+            .iter()
+            .filter(|s| s.param.ends_with(".weight"))
+            .filter_map(|s| a.file.get(&s.key).map(|t| t.shape.clone()))
+            .filter(|shape| shape.len() == 2)
+            .map(|shape| shape[0])
+            .min(),
     })
 }

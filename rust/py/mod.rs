@@ -133,6 +133,7 @@ fn inspect_adapter<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
     d.set_item("file_bytes", s.file_bytes)?;
     d.set_item("saved_tensors", s.saved_tensors)?;
     d.set_item("ignored_modules", s.ignored_modules)?;
+    d.set_item("num_labels", s.num_labels)?;
     let modules = PyList::empty(py);
     for m in s.modules {
         let md = PyDict::new(py);
@@ -164,6 +165,7 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_nested, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::parse_quant_state, m)?)?;
     m.add_function(wrap_pyfunction!(quant::quantize_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_checkpoint, m)?)?;
     Ok(())

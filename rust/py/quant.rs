@@ -21,7 +21,8 @@ fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str)
 
 /// Quantize a flat array: f32 values, or 16-bit patterns (`dtype` "bf16"/"fp16") as uint16.
 #[pyfunction]
-#[pyo3(signature = (data, dtype, quant_type, blocksize, double_quant, torch_threads))]
+#[pyo3(signature = (data, dtype, quant_type, blocksize, double_quant, torch_threads, shape))]
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_4bit<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
@@ -30,6 +31,7 @@ pub fn quantize_4bit<'py>(
     blocksize: usize,
     double_quant: bool,
     torch_threads: usize,
+    shape: Vec<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let ft = float_type(dtype)?;
     let opts = QuantizeOptions {
@@ -57,6 +59,9 @@ pub fn quantize_4bit<'py>(
     }
     .map_err(to_py)?;
     let d = PyDict::new(py);
+    // The quant state's JSON, as bitsandbytes serializes it (json.dumps of the fields).
+    let json = quant::state::quant_state_json(&q, opts.quant_type, blocksize, ft, &shape);
+    d.set_item("quant_state", json)?;
     d.set_item("packed", PyArray1::from_vec(py, q.packed))?;
     match q.absmax {
         Absmax::Plain(a) => d.set_item("absmax", PyArray1::from_vec(py, a))?,
@@ -68,6 +73,19 @@ pub fn quantize_4bit<'py>(
         }
     }
     d.set_item("quant_map", PyArray1::from_vec(py, opts.quant_type.table().to_vec()))?;
+    Ok(d)
+}
+
+/// A quant state's JSON bytes, parsed: quant_type, blocksize, dtype, shape, nested_offset (or None).
+#[pyfunction]
+pub fn parse_quant_state<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let st = quant::checkpoint::parse_state(data).map_err(|e| to_py(Error::InvalidArgument(e)))?;
+    let d = PyDict::new(py);
+    d.set_item("quant_type", st.quant_type.name())?;
+    d.set_item("blocksize", st.blocksize)?;
+    d.set_item("dtype", st.dtype.torch_name())?;
+    d.set_item("shape", st.shape)?;
+    d.set_item("nested_offset", st.nested_offset)?;
     Ok(d)
 }
 

@@ -29,14 +29,9 @@ def _model_class(task: Optional[str], base: PathLike):
 
 def _num_labels(adapter: PathLike) -> Optional[int]:
     """The head size an adapter's saved classifier has (modules_to_save), if any."""
-    from safetensors import safe_open
+    from lorafast import _core
 
-    f = Path(os.fspath(adapter)) / "adapter_model.safetensors"
-    with safe_open(str(f), "np") as st:
-        for k in st.keys():
-            if k.endswith(("score.weight", "classifier.weight", "classifier.out_proj.weight")):
-                return int(st.get_slice(k).get_shape()[0])
-    return None
+    return _core.inspect_adapter(os.fspath(adapter))["num_labels"]
 
 
 def load(base: PathLike, adapters: dict[str, PathLike], *, active: Optional[str] = None, device: Optional[str] = None):

@@ -196,6 +196,37 @@ pub struct StoredState {
 
 const QUANT_STATE_TAG: &str = ".quant_state.bitsandbytes__";
 
+/// A quant state's JSON (`QuantState.as_dict(packed=True)`'s `quant_state.bitsandbytes__*` bytes); the
+/// error says what is wrong with it.
+pub fn parse_state(bytes: &[u8]) -> std::result::Result<StoredState, String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|err| format!("quant state is not JSON ({err})"))?;
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("quant state lacks {k}"))
+    };
+    let quant_type = QuantType::parse(s("quant_type")?).map_err(|e| e.to_string())?;
+    let dtype = FloatType::parse(s("dtype")?).ok_or_else(|| format!("unknown dtype {:?}", v["dtype"]))?;
+    let blocksize = v
+        .get("blocksize")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| "quant state lacks blocksize".to_string())? as usize;
+    check_blocksize(blocksize).map_err(|e| e.to_string())?;
+    let shape: Vec<usize> = v
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+        .ok_or_else(|| "quant state lacks a shape".to_string())?;
+    let nested_offset = v.get("nested_offset").and_then(Value::as_f64).map(|x| x as f32);
+    Ok(StoredState {
+        quant_type,
+        blocksize,
+        dtype,
+        shape,
+        nested_offset,
+    })
+}
+
 pub fn read_state(ck: &Checkpoint, key: &str) -> Result<StoredState> {
     let (si, e) = ck.get(key).expect("listed");
     let file = &ck.shards[si];
@@ -205,46 +236,20 @@ pub fn read_state(ck: &Checkpoint, key: &str) -> Result<StoredState> {
         path: file.path.clone(),
         reason: format!("tensor {key}: {why}"),
     };
-    let v: Value = serde_json::from_slice(&bytes).map_err(|err| bad(format!("quant state is not JSON ({err})")))?;
-    let s = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("quant state lacks {k}")))
-    };
-    let quant_type = QuantType::parse(s("quant_type")?)?;
-    let dtype = FloatType::parse(s("dtype")?).ok_or_else(|| bad(format!("unknown dtype {:?}", v["dtype"])))?;
-    let blocksize = v
-        .get("blocksize")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad("quant state lacks blocksize".into()))? as usize;
-    check_blocksize(blocksize)?;
-    let shape: Vec<usize> = v
-        .get("shape")
-        .and_then(Value::as_array)
-        .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-        .ok_or_else(|| bad("quant state lacks a shape".into()))?;
-    let nested_offset = v.get("nested_offset").and_then(Value::as_f64).map(|x| x as f32);
+    let state = parse_state(&bytes).map_err(bad)?;
     // The shape must describe the packed weight beside it: two codes a byte, and no overflow on the way.
     let weight = key.split(QUANT_STATE_TAG).next().unwrap_or(key);
-    let numel = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+    let numel = state.shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
     let packed = ck.get(weight).map(|(_, e)| e.len);
     match (numel, packed) {
-        (Some(n), Some(len)) if n > 0 && n.div_ceil(2) as u64 == len && n.checked_mul(4).is_some() => {}
-        (_, None) => return Err(bad(format!("no packed weight {weight} beside it"))),
-        _ => {
-            return Err(bad(format!(
-                "quant state shape {shape:?} does not fit the {} packed bytes of {weight}",
-                packed.unwrap_or(0)
-            )))
-        }
+        (Some(n), Some(len)) if n > 0 && n.div_ceil(2) as u64 == len && n.checked_mul(4).is_some() => Ok(state),
+        (_, None) => Err(bad(format!("no packed weight {weight} beside it"))),
+        _ => Err(bad(format!(
+            "quant state shape {:?} does not fit the {} packed bytes of {weight}",
+            state.shape,
+            packed.unwrap_or(0)
+        ))),
     }
-    Ok(StoredState {
-        quant_type,
-        blocksize,
-        dtype,
-        shape,
-        nested_offset,
-    })
 }
 
 fn read_f32_tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f32>> {

@@ -186,10 +186,9 @@ pub fn quantize_4bit(input: Input<'_>, opts: &QuantizeOptions) -> Result<Quantiz
 /// boundary, of which only the tensor's last may be partial (bitsandbytes' "tail"); in parallel.
 pub fn quantize_codes(input: Input<'_>, quant_type: QuantType, bs: usize, packed: &mut [u8], absmax: &mut [f32]) {
     let n = input.len();
-    let bucketizer = quant_type.bucketizer();
     let task_elems = BLOCKS_PER_TASK * bs;
     // Scratch buffers live per worker: fresh ones per task would be mmap'ed and faulted in each time.
-    let scratch = || (vec![0f32; task_elems], vec![0u8; task_elems + 1]);
+    let scratch = || (vec![0f32; task_elems], Vec::new());
     packed[..n.div_ceil(2)]
         .par_chunks_mut(task_elems / 2)
         .zip(absmax.par_chunks_mut(BLOCKS_PER_TASK))
@@ -199,19 +198,7 @@ pub fn quantize_codes(input: Input<'_>, quant_type: QuantType, bs: usize, packed
             let len = task_elems.min(n - start);
             let x = &mut x[..len];
             input.load(start, x);
-            let codes = &mut codes[..len + 1];
-            codes[len] = bucketizer.code(0.0); // the zero that pads an odd count
-            kernels::block_codes(
-                x,
-                bs,
-                &bucketizer.bounds,
-                &mut codes[..len],
-                &mut amax[..len.div_ceil(bs)],
-            );
-            if quant_type == QuantType::Fp4 {
-                kernels::remap(&mut codes[..len], &bucketizer.order);
-            }
-            kernels::pack(codes, &mut bytes[..len.div_ceil(2)]);
+            quantize_run(x, quant_type, bs, bytes, amax, codes);
         });
 }
 
@@ -379,6 +366,18 @@ pub fn dequantize_run(
         unsafe { lookup::dequantize_run_avx512(packed, absmax, &table, blocksize, start, out) };
         return;
     }
+    dequantize_run_portable(packed, absmax, &table, blocksize, start, out);
+}
+
+/// [`dequantize_run`] without AVX-512: one lookup of a byte's two values at a time.
+fn dequantize_run_portable(
+    packed: &[u8],
+    absmax: &[f32],
+    table: &[f32; 16],
+    blocksize: usize,
+    start: usize,
+    out: &mut [f32],
+) {
     let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [table[b >> 4], table[b & 15]]);
     let mut done = 0;
     while done < out.len() {
@@ -525,6 +524,27 @@ mod tests {
             let y: &[f32] = bytemuck::cast_slice(&bytes);
             for (a, b) in x.iter().zip(y) {
                 assert!((a - b).abs() <= 0.2 * 50.0 / 64.0, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_runs_agree_with_the_portable_kernel() {
+        // Whatever kernel this CPU picks, every run (odd starts within a block, odd lengths, partial
+        // blocks) gives the portable kernel's bits.
+        let n = 1000usize;
+        let packed: Vec<u8> = (0..n.div_ceil(2)).map(|i| (i * 37 % 256) as u8).collect();
+        for (qt, bs) in [(QuantType::Nf4, 64), (QuantType::Fp4, 32), (QuantType::Nf4, 128)] {
+            let absmax: Vec<f32> = (0..n.div_ceil(bs)).map(|b| 0.01 + b as f32 * 0.37).collect();
+            for (start, len) in [(0, n), (2, 90), (64, 65), (126, 1), (998, 2), (500, 499)] {
+                let mut fast = vec![0f32; len];
+                let mut slow = vec![0f32; len];
+                dequantize_run(&packed[start / 2..], &absmax, qt, bs, start, &mut fast);
+                dequantize_run_portable(&packed[start / 2..], &absmax, &qt.table(), bs, start, &mut slow);
+                assert_eq!(
+                    fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    slow.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
             }
         }
     }
