@@ -10,7 +10,7 @@ from lorafast import _core
 from lorafast._core import MergeReport, TensorReport
 from lorafast.hub import PathLike, resolve_model_path
 from lorafast.progress import run_with_bar
-from lorafast.quant import default_torch_threads
+from lorafast.quant import default_torch_threads, quantize_plan
 
 __all__ = ["merge", "MergeReport", "TensorReport", "is_4bit_checkpoint"]
 
@@ -80,6 +80,9 @@ def merge(
     base = resolve_model_path(base)
     # The double-quantization offset is a mean in torch's summation order, which follows its threads.
     torch_threads = default_torch_threads() if quantize or requantize else 1
+    # What `lorafast quantize` would quantize: for architectures the name rule does not cover, transformers'
+    # own plan on a meta-device model.
+    targets = quantize_plan(base) if quantize else None
     return run_with_bar(
         "merge",
         progress,
@@ -98,6 +101,7 @@ def merge(
             blocksize=blocksize,
             double_quant=double_quant,
             compute_dtype=compute_dtype,
+            targets=targets,
             torch_threads=torch_threads,
             stats=report,
         ),

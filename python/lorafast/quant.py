@@ -268,10 +268,8 @@ def quantize(
     skips = list(skip_modules or [])
     if plan not in ("auto", "names", "transformers"):
         raise InvalidArgumentError(f"plan {plan!r}: use auto, names or transformers")
-    if targets is None and (
-        plan == "transformers" or (plan == "auto" and _model_type(base) not in NAME_PLAN_MODEL_TYPES)
-    ):
-        targets = plan_targets(base, skips + ["lm_head"] if skips else None)
+    if targets is None:
+        targets = quantize_plan(base, plan, skips)
     return run_with_bar(
         "quantize",
         progress,
@@ -292,6 +290,15 @@ def quantize(
             progress=bar,
         ),
     )
+
+
+def quantize_plan(base: str, plan: str = "auto", skips: Sequence[str] = ()) -> Optional[list[tuple[str, bool]]]:
+    """The weights to quantize when the core's name rule is not the answer: transformers' plan for
+    ``plan="transformers"``, or for ``"auto"`` with an architecture the name rule is not checked on.
+    None: the core decides by name."""
+    if plan == "transformers" or (plan == "auto" and _model_type(base) not in NAME_PLAN_MODEL_TYPES):
+        return plan_targets(base, list(skips) + ["lm_head"] if skips else None)
+    return None
 
 
 def _model_type(base: str) -> Optional[str]:
