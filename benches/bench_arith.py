@@ -20,27 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CACHE, ensure_model, measure, run_python
+from _common import CACHE, ensure_model, lorafast_cli, measure_alternating, python_script
 
 RANK = 16
 
-LORAFAST_EXTRACT = (
-    "import lorafast\nt0 = time.perf_counter()\n"
-    "r = lorafast.extract(sys.argv[1], sys.argv[2], sys.argv[3], rank=16, progress=False{})\n"
-    "json.dump({{m.module: m.energy for m in r.modules}}, open(sys.argv[4], 'w'))"
-)
-EXTRACT = {
-    "lorafast": LORAFAST_EXTRACT.format(""),
-    "lorafast4": LORAFAST_EXTRACT.format(", max_iters=6, tol=1e-6"),
-    # What extraction scripts do in torch: per weight, the fp32 difference and a truncated SVD.
+# What extraction scripts do in torch: per weight, the fp32 difference and a truncated SVD.
+TORCH_SVD = {
     "lowrank": "SVD = lambda d: torch.svd_lowrank(d, q=16, niter=2)\n",
     "full": "SVD = lambda d: torch.linalg.svd(d, full_matrices=False)\n",
 }
 TORCH_EXTRACT = r"""
-import torch
+import json, sys, torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-t0 = time.perf_counter()
 base, tuned, out, energies_path = sys.argv[1:5]
 index = json.load(open(f"{base}/model.safetensors.index.json"))["weight_map"]
 tensors, energies = {}, {}
@@ -63,33 +55,18 @@ save_file(tensors, f"{out}/adapter_model.safetensors", metadata={"format": "pt"}
 json.dump(energies, open(energies_path, "w"))
 """
 
-COMBINE = (
-    "import lorafast\nt0 = time.perf_counter()\n"
-    "lorafast.combine([sys.argv[1], sys.argv[2]], sys.argv[3], weights=[0.6, 0.4], method=sys.argv[4],"
-    " density=0.5 if sys.argv[4] == 'ties' else None, progress=False)"
-)
 PEFT_COMBINE = r"""
-import torch, transformers, peft
+import sys, torch, transformers, peft
 transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar()
-t0 = time.perf_counter()
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[5], torch_dtype=torch.float32)
 pm = peft.PeftModel.from_pretrained(model, sys.argv[1], adapter_name="a")
 pm.load_adapter(sys.argv[2], adapter_name="b")
-t1 = time.perf_counter()
 pm.add_weighted_adapter(["a", "b"], [0.6, 0.4], "mix", combination_type=sys.argv[4])
-t2 = time.perf_counter()
 pm.save_pretrained(sys.argv[3], selected_adapters=["mix"])
-print(json.dumps({"load": t1 - t0, "combine": t2 - t1}), file=sys.stderr)
 """
-RESIZE = (
-    "import lorafast\nt0 = time.perf_counter()\n"
-    "kw = {'rank': 8} if sys.argv[3] == 'rank' else {'energy': 0.9}\n"
-    "lorafast.resize(sys.argv[1], sys.argv[2], progress=False, **kw)"
-)
 TORCH_RESIZE = r"""
-import torch
+import json, sys, torch
 from safetensors.torch import load_file, save_file
-t0 = time.perf_counter()
 sd = load_file(f"{sys.argv[1]}/adapter_model.safetensors")
 cfg = json.load(open(f"{sys.argv[1]}/adapter_config.json"))
 s = cfg["lora_alpha"] / cfg["r"]
@@ -157,22 +134,60 @@ def main() -> None:
     tuned = ensure_tuned(base)
     adapter_b = ensure_second_adapter()
     work = Path(tempfile.mkdtemp(prefix="lorafast-bench-arith-"))
-    out = work / "out"
     lines: list[str] = []
 
     # 1. extract
+    b, t = str(base), str(tuned)
+    report = {m: work / f"energy-{m}.json" for m in ("lorafast", "lorafast4", "lowrank", "full")}
+    routes = {
+        "lorafast": (
+            lambda o: lorafast_cli(
+                "extract", b, t, "--rank", "16", "-o", str(o), "-q", "--report", str(report["lorafast"])
+            ),
+            args.runs,
+        ),
+        "lorafast4": (
+            lambda o: lorafast_cli(
+                "extract",
+                b,
+                t,
+                "--rank",
+                "16",
+                "--power-iters",
+                "6",
+                "--tol",
+                "1e-6",
+                "-o",
+                str(o),
+                "-q",
+                "--report",
+                str(report["lorafast4"]),
+            ),
+            args.runs,
+        ),
+        "lowrank": (
+            lambda o: python_script(
+                TORCH_SVD["lowrank"].join(["import torch\n", TORCH_EXTRACT]), b, t, str(o), str(report["lowrank"])
+            ),
+            args.runs,
+        ),
+    }
+    if args.full:
+        routes["full"] = (
+            lambda o: python_script(
+                TORCH_SVD["full"].join(["import torch\n", TORCH_EXTRACT]), b, t, str(o), str(report["full"])
+            ),
+            1,
+        )
+    results = measure_alternating(routes, work)
     energies: dict[str, dict[str, float]] = {}
-    results = {}
-    methods = ["lorafast", "lorafast4", "lowrank"] + (["full"] if args.full else [])
-    for m in methods:
-        code = EXTRACT[m] if m.startswith("lorafast") else "import torch\n" + EXTRACT[m] + TORCH_EXTRACT
-        epath = work / f"energy-{m}.json"
-        runs = 1 if m == "full" else args.runs
-        results[m] = measure(lambda o, c=code, e=epath: run_python(c, str(base), str(tuned), str(o), str(e)), runs, out)
-        energies[m] = json.loads(epath.read_text())
+    for m in routes:
+        data = json.loads(report[m].read_text())
+        energies[m] = {x["module"]: x["energy"] for x in data["modules"]} if "modules" in data else data
+    methods = list(routes)
     labels = {
-        "lorafast": "lorafast extract (Rust, randomized SVD, default: 2 power iterations)",
-        "lorafast4": "lorafast extract --power-iters 6",
+        "lorafast": "`lorafast extract` (Rust, randomized SVD, default: 2 power iterations)",
+        "lorafast4": "`lorafast extract --power-iters 6`",
         "lowrank": "pure-Python torch: `torch.svd_lowrank(q=16, niter=2)` per weight",
         "full": "pure-Python torch: `torch.linalg.svd` per weight (exact)",
     }
@@ -201,33 +216,60 @@ def main() -> None:
     lines.append("")
 
     # 2. combine
+    a1, a2 = str(adapter), str(adapter_b)
+    routes = {
+        method: (
+            lambda o, m=method: lorafast_cli(
+                "combine",
+                a1,
+                a2,
+                "--weights",
+                "0.6,0.4",
+                "--method",
+                m,
+                *(["--density", "0.5"] if m == "ties" else []),
+                "-o",
+                str(o),
+                "-q",
+            ),
+            args.runs,
+        )
+        for method in ("cat", "linear", "svd", "ties")
+    }
+    routes["peft"] = (lambda o: python_script(PEFT_COMBINE, a1, a2, str(o), "cat", b), 1)
+    results = measure_alternating(routes, work)
     lines += [
         f"Combine two r={RANK} all-linear adapters (154 modules each) with weights 0.6 / 0.4:",
         "",
         "| method | median wall | min | peak RSS |",
         "|---|---|---|---|",
     ]
-    for method in ("cat", "linear", "svd", "ties"):
-        r = measure(lambda o, m=method: run_python(COMBINE, str(adapter), str(adapter_b), str(o), m), args.runs, out)
-        lines.append(f"| lorafast combine --method {method} | {r['median']:.2f} s | {r['min']:.2f} s | {fmt_rss(r)} |")
-    r = measure(lambda o: run_python(PEFT_COMBINE, str(adapter), str(adapter_b), str(o), "cat", str(base)), 1, out)
-    lines.append(
-        f"| PEFT: load fp32 model + 2 adapters, add_weighted_adapter(cat), save | {r['median']:.2f} s | "
-        f"{r['min']:.2f} s | {fmt_rss(r)} |"
-    )
+    for m, r in results.items():
+        label = (
+            "PEFT: load fp32 model + 2 adapters, add_weighted_adapter(cat), save"
+            if m == "peft"
+            else f"`lorafast combine --method {m}`"
+        )
+        lines.append(f"| {label} | {r['median']:.2f} s | {r['min']:.2f} s | {fmt_rss(r)} |")
     lines.append("")
 
     # 3. resize
-    lines += [f"Resize the r={RANK} adapter:", "", "| method | median wall | min | peak RSS |", "|---|---|---|---|"]
-    for kind, label in (("rank", "lorafast resize --rank 8"), ("energy", "lorafast resize --energy 0.9")):
-        r = measure(lambda o, k=kind: run_python(RESIZE, str(adapter), str(o), k), args.runs, out)
-        lines.append(f"| {label} | {r['median']:.2f} s | {r['min']:.2f} s | {fmt_rss(r)} |")
+    routes = {
+        "rank": (lambda o: lorafast_cli("resize", a1, "--rank", "8", "-o", str(o), "-q"), args.runs),
+        "energy": (lambda o: lorafast_cli("resize", a1, "--energy", "0.9", "-o", str(o), "-q"), args.runs),
+    }
     if args.full:
-        r = measure(lambda o: run_python(TORCH_RESIZE, str(adapter), str(o)), 1, out)
-        lines.append(
-            f"| pure-Python torch: dense delta + `torch.linalg.svd`, rank 8 | {r['median']:.2f} s | "
-            f"{r['min']:.2f} s | {fmt_rss(r)} |"
-        )
+        routes["torch"] = (lambda o: python_script(TORCH_RESIZE, a1, str(o)), 1)
+    results = measure_alternating(routes, work)
+    labels = {
+        "rank": "`lorafast resize --rank 8`",
+        "energy": "`lorafast resize --energy 0.9`",
+        "torch": "pure-Python torch: dense delta + `torch.linalg.svd`, rank 8",
+    }
+    lines += [f"Resize the r={RANK} adapter:", "", "| method | median wall | min | peak RSS |", "|---|---|---|---|"]
+    for m, r in results.items():
+        lines.append(f"| {labels[m]} | {r['median']:.2f} s | {r['min']:.2f} s | {fmt_rss(r)} |")
+    lines += ["", "Each route a separate process, start-up included; routes alternate; medians."]
     text = "\n".join(lines)
     print(text)
     dest = Path(__file__).parent / "results" / "arith_cpu.md"

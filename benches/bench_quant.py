@@ -20,24 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CACHE, ensure_model, measure, run_copy, run_python, table
+from _common import CACHE, ensure_model, lorafast_cli, measure_alternating, python_script, table
 
-QUANTIZE = {
-    "lorafast": (
-        "import lorafast\nt0 = time.perf_counter()\nlorafast.quantize(sys.argv[1], sys.argv[2], progress=False)"
-    ),
-    "transformers": (
-        "import torch, transformers\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
-        "transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar()\n"
-        "t0 = time.perf_counter()\n"
-        "cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,"
-        " bnb_4bit_compute_dtype=torch.bfloat16)\n"
-        "AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=cfg, device_map='cpu')"
-        ".save_pretrained(sys.argv[2])"
-    ),
-}
+TRANSFORMERS = (
+    "import sys, torch, transformers\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
+    "transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar()\n"
+    "cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,"
+    " bnb_4bit_compute_dtype=torch.bfloat16)\n"
+    "AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=cfg, device_map='cpu')"
+    ".save_pretrained(sys.argv[2])"
+)
 LABELS = {
-    "lorafast": "lorafast quantize (Rust, 2 threads)",
+    "lorafast": "`lorafast quantize` (Rust, 2 threads)",
     "transformers": "transformers + bitsandbytes load_in_4bit + save_pretrained",
     "copy": "`cp -r` of the checkpoint folder",
 }
@@ -98,7 +92,7 @@ def kernel_table(n_ours: int = 5632 * 2048 * 8, n_bnb: int = 5632 * 2048 * 2) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--slow-runs", type=int, default=2)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -108,25 +102,22 @@ def main() -> None:
         print()
     base, _ = ensure_model(CACHE)
     scratch = Path(tempfile.mkdtemp(prefix="lorafast-bench-", dir=CACHE))
-    methods = ["lorafast", "copy"] + ([] if args.skip_transformers else ["transformers"])
-
-    def runner(m):
-        if m == "copy":
-            return lambda out: run_copy(base, out)
-        return lambda out: run_python(QUANTIZE[m], str(base), str(out))
-
+    b = str(base)
+    routes = {
+        "lorafast": (lambda out: lorafast_cli("quantize", b, "-o", str(out), "-q"), args.runs),
+        "copy": (lambda out: ["cp", "-r", b, str(out)], args.runs),
+    }
+    if not args.skip_transformers:
+        routes["transformers"] = (lambda out: python_script(TRANSFORMERS, b, str(out)), args.slow_runs)
     try:
-        run_copy(base, scratch / "warm")
-        shutil.rmtree(scratch / "warm")
-        res = {
-            m: measure(runner(m), args.runs if m != "transformers" else args.slow_runs, scratch / m) for m in methods
-        }
+        measure_alternating({"copy": routes["copy"]}, scratch)  # warm the page cache
+        res = measure_alternating(routes, scratch)
         size = sum(f.stat().st_size for f in base.iterdir()) / 1e9
         title = (
             f"NF4 + double quantization of the ~1.1B Llama-shaped bf16 checkpoint ({size:.2f} GB, 3 shards), "
             f"{os.cpu_count()} cores, page cache warm:"
         )
-        print(table(res, LABELS, title, "lorafast", "transformers" if "transformers" in res else "lorafast"))
+        print(table(res, LABELS, title, "lorafast", "transformers" if "transformers" in res else None))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
