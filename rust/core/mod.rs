@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod fuzzing;
+pub mod gguf;
 pub mod inspect;
 pub mod io;
 pub mod layers;

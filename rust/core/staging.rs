@@ -75,6 +75,15 @@ impl Staging {
     /// Claims OUT (refusing an existing one without `overwrite`, or one overlapping `inputs`) and
     /// clears what killed runs left beside it, before any work is done.
     pub fn new(out: &Path, inputs: &[&Path], overwrite: bool) -> Result<Self> {
+        Self::claim(out, inputs, overwrite, false)
+    }
+
+    /// The same for an output that is one file (a GGUF model): the staging path is an empty file.
+    pub fn new_file(out: &Path, inputs: &[&Path], overwrite: bool) -> Result<Self> {
+        Self::claim(out, inputs, overwrite, true)
+    }
+
+    fn claim(out: &Path, inputs: &[&Path], overwrite: bool, file: bool) -> Result<Self> {
         let out_abs = check_output(out, inputs, overwrite)?;
         let parent = out_abs.parent().expect("absolute() gives a parent").to_path_buf();
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
@@ -111,7 +120,16 @@ impl Staging {
             notices,
         };
         // If this fails, Drop removes the lock file again.
-        std::fs::create_dir(&staging.tmp).map_err(|e| Error::io(&staging.tmp, e))?;
+        let created = if file {
+            File::options()
+                .write(true)
+                .create_new(true)
+                .open(&staging.tmp)
+                .map(drop)
+        } else {
+            std::fs::create_dir(&staging.tmp)
+        };
+        created.map_err(|e| Error::io(&staging.tmp, e))?;
         Ok(staging)
     }
 

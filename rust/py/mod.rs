@@ -1,6 +1,7 @@
 //! The PyO3 binding: converts arguments, runs the core with the GIL released, converts results.
 mod arith;
 mod errors;
+mod gguf;
 mod quant;
 mod reports;
 mod run;
@@ -155,6 +156,7 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reports::TensorReport>()?;
     m.add_class::<reports::ArithReport>()?;
     m.add_class::<reports::ModuleReport>()?;
+    m.add_class::<reports::GgufReport>()?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(check_output, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;
@@ -168,5 +170,8 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::parse_quant_state, m)?)?;
     m.add_function(wrap_pyfunction!(quant::quantize_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_write, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_encode_rows, m)?)?;
     Ok(())
 }

@@ -176,3 +176,26 @@ pub fn arith_report(py: Python<'_>, r: arith::ArithReport) -> PyResult<ArithRepo
         warnings: r.warnings,
     })
 }
+
+/// What a GGUF write did.
+#[pyclass(frozen, get_all, module = "lorafast._core")]
+pub struct GgufReport {
+    pub output: PathBuf,
+    pub tensors: usize,
+    /// (ggml type name, tensors of that type), in file order of first use.
+    pub types: Vec<(String, usize)>,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub nonfinite_values: u64,
+    pub warnings: Vec<String>,
+}
+
+#[pymethods]
+impl GgufReport {
+    fn __repr__(&self) -> String {
+        format!(
+            "GgufReport(output={:?}, tensors={}, types={:?}, bytes_written={}, seconds={:.2})",
+            self.output, self.tensors, self.types, self.bytes_written, self.seconds
+        )
+    }
+}

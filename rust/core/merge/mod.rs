@@ -13,10 +13,10 @@
 //! The output goes to a staging folder beside OUT and is renamed into place only when complete.
 mod config;
 mod job;
-mod layout;
+pub(crate) mod layout;
 pub mod plan;
 mod resolve;
-mod sink;
+pub(crate) mod sink;
 pub mod source;
 pub mod stats;
 
@@ -121,42 +121,18 @@ pub fn merge(
     let plan = plan::plan(&base, &adapters, opts)?;
     let pool = pool::build(opts.threads)?;
     let planned = layout::planned(&base, &adapters, &plan.jobs);
-    let nonfinite = AtomicU64::new(0);
-    let stats = Mutex::new(Vec::new());
-    let run_all = |dest: &dyn sink::Dest| -> Result<()> {
-        let ctx = job::Ctx {
-            base: &base,
-            adapters: &adapters,
-            safe: opts.safe_merge,
-            stats: opts.stats,
-            nonfinite: &nonfinite,
-            progress,
-            dest,
-        };
-        pool.install(|| {
-            plan.jobs.par_iter().zip(&planned).try_for_each(|(job, outs)| {
-                if progress.cancelled() {
-                    return Err(Error::Interrupted);
-                }
-                if let Some(s) = job::run(&ctx, job)? {
-                    stats.lock().expect("never poisoned").push(s);
-                }
-                progress.advance(&job.out_name, outs.iter().map(|(t, _)| t.byte_len() as u64).sum());
-                Ok(())
-            })
-        })
-    };
+    let run_all = |dest: &dyn sink::Dest| run_jobs(&base, &adapters, &plan.jobs, &planned, opts, &pool, progress, dest);
     let shard_names = &base.ck.shard_names;
     let deferred = plan
         .jobs
         .iter()
         .any(|j| matches!(j.output, Output::FourBit(q) if q.quant.double_quant));
-    if deferred {
+    let (nonfinite, stats) = if deferred {
         let scratch = Deferred::new(writer.dir(), &plan.jobs, &planned)?;
         let total: u64 = planned.iter().flatten().map(|(t, _)| t.byte_len() as u64).sum();
         writer.check_space(total + scratch.size())?;
         progress.start(total);
-        run_all(&scratch)?;
+        let (nonfinite, stats) = run_all(&scratch)?;
         let (scratch, states) = scratch.into_states();
         let shard_of = layout::lay_out(&mut writer, shard_names, &plan.jobs, &planned, &states)?;
         let direct = Direct {
@@ -164,23 +140,54 @@ pub fn merge(
             shard_of,
         };
         pool.install(|| scratch.fill(&direct, &states, &plan.jobs, &planned, &base, &adapters))?;
+        (nonfinite, stats)
     } else {
         let shard_of = layout::lay_out(&mut writer, shard_names, &plan.jobs, &planned, &Default::default())?;
         writer.start(progress)?;
         run_all(&Direct {
             writer: &writer,
             shard_of,
-        })?;
-    }
-    finish(
-        writer,
-        &base,
-        &adapters,
-        plan,
-        nonfinite.into_inner(),
-        stats.into_inner().expect("never poisoned"),
-        started,
-    )
+        })?
+    };
+    finish(writer, &base, &adapters, plan, nonfinite, stats, started)
+}
+
+/// Run every job on `pool`, each writing to `dest`: the values not finite, and the per-weight stats.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_jobs(
+    base: &Base,
+    adapters: &[Adapter],
+    jobs: &[plan::Job],
+    planned: &[Vec<(crate::core::io::PlannedTensor, bool)>],
+    opts: &MergeOptions,
+    pool: &rayon::ThreadPool,
+    progress: &dyn Progress,
+    dest: &dyn sink::Dest,
+) -> Result<(u64, Vec<TensorStats>)> {
+    let nonfinite = AtomicU64::new(0);
+    let stats = Mutex::new(Vec::new());
+    let ctx = job::Ctx {
+        base,
+        adapters,
+        safe: opts.safe_merge,
+        stats: opts.stats,
+        nonfinite: &nonfinite,
+        progress,
+        dest,
+    };
+    pool.install(|| {
+        jobs.par_iter().zip(planned).try_for_each(|(job, outs)| {
+            if progress.cancelled() {
+                return Err(Error::Interrupted);
+            }
+            if let Some(s) = job::run(&ctx, job)? {
+                stats.lock().expect("never poisoned").push(s);
+            }
+            progress.advance(&job.out_name, outs.iter().map(|(t, _)| t.byte_len() as u64).sum());
+            Ok(())
+        })
+    })?;
+    Ok((nonfinite.into_inner(), stats.into_inner().expect("never poisoned")))
 }
 
 fn finish(

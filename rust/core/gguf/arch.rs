@@ -1,0 +1,298 @@
+//! What `convert_hf_to_gguf.py` does to each tensor of the architectures lorafast converts: the GGUF
+//! name (its `TensorNameMap`), the tensors it drops, and the per-architecture transforms (the rotary
+//! row permutation of Llama's q/k, the transpose of GPT-2's Conv1D weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Bert,
+    Gpt2,
+}
+
+/// How a tensor's values are rearranged on the way to GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    None,
+    /// Llama's q/k rows regrouped from HF's rotate-half order to GGML's interleaved pairs, per head.
+    Permute {
+        heads: usize,
+    },
+    /// A Conv1D weight stored (in, out), written (out, in).
+    Transpose,
+}
+
+/// The architecture string the converter dispatches on (`config.json` `architectures[0]`), and whether
+/// its tensor names lack the `model.` prefix the name map expects.
+pub fn arch_of(hf_arch: &str) -> Option<(Arch, bool)> {
+    Some(match hf_arch {
+        "LlamaForCausalLM" | "MistralForCausalLM" => (Arch::Llama, false),
+        "LlamaModel" => (Arch::Llama, true),
+        "Qwen2ForCausalLM" => (Arch::Qwen2, false),
+        "Qwen2Model" => (Arch::Qwen2, true),
+        "BertModel" => (Arch::Bert, false),
+        "GPT2LMHeadModel" => (Arch::Gpt2, false),
+        _ => return None,
+    })
+}
+
+impl Arch {
+    /// `general.architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Bert => "bert",
+            Arch::Gpt2 => "gpt2",
+        }
+    }
+}
+
+/// The hyperparameters the transforms need.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Heads {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+}
+
+/// The GGUF name and transform of HF tensor `name`; None for a tensor the converter drops; an error
+/// (naming the tensor) for one it cannot map.
+pub fn map_tensor(
+    arch: Arch,
+    prefix_model: bool,
+    heads: Heads,
+    name: &str,
+) -> Result<Option<(String, Transform)>, String> {
+    // Dropped by every converter class before mapping.
+    if name.ends_with(".attention.masked_bias")
+        || name.ends_with(".attention.bias")
+        || name.ends_with(".rotary_emb.inv_freq")
+    {
+        return Ok(None);
+    }
+    // BERT: the converter strips `bert.`, renames gamma/beta and drops what an embedding model does not use.
+    let bert_name;
+    let name = if arch == Arch::Bert {
+        let n = name.strip_prefix("bert.").unwrap_or(name);
+        if matches!(
+            n,
+            "embeddings.position_ids" | "pooler.dense.weight" | "pooler.dense.bias"
+        ) || n.starts_with("cls.predictions")
+            || n.starts_with("cls.seq_relationship")
+        {
+            return Ok(None);
+        }
+        bert_name = if let Some(s) = n.strip_suffix(".gamma") {
+            format!("{s}.weight")
+        } else if let Some(s) = n.strip_suffix(".beta") {
+            format!("{s}.bias")
+        } else {
+            n.to_string()
+        };
+        bert_name.as_str()
+    } else {
+        name
+    };
+    let unmapped = || {
+        format!(
+            "tensor {name}: llama.cpp's {} architecture has no place for it",
+            arch.name()
+        )
+    };
+    let (stem, suffix) = match name.rsplit_once('.') {
+        Some((s, x @ ("weight" | "bias"))) => (s, x),
+        _ => return Err(unmapped()),
+    };
+    let mapped = match arch {
+        Arch::Llama | Arch::Qwen2 => {
+            let full = if prefix_model {
+                format!("model.{stem}")
+            } else {
+                stem.to_string()
+            };
+            llama_name(&full)
+        }
+        Arch::Bert => bert_tensor(stem),
+        Arch::Gpt2 => {
+            if stem.ends_with(".attn") && suffix == "bias" || stem.ends_with(".attn.masked_bias") {
+                return Ok(None);
+            }
+            let stem = stem.strip_prefix("transformer.").unwrap_or(stem);
+            gpt2_name(stem)
+        }
+    };
+    let Some(gguf) = mapped else {
+        return Err(unmapped());
+    };
+    let transform = match arch {
+        Arch::Llama if stem.ends_with("q_proj") => Transform::Permute { heads: heads.n_head },
+        Arch::Llama if stem.ends_with("k_proj") => Transform::Permute {
+            heads: if heads.n_head_kv > 0 {
+                heads.n_head_kv
+            } else {
+                heads.n_head
+            },
+        },
+        Arch::Gpt2
+            if suffix == "weight"
+                && (stem.ends_with(".c_attn") || stem.ends_with(".c_proj") || stem.ends_with(".c_fc")) =>
+        {
+            Transform::Transpose
+        }
+        _ => Transform::None,
+    };
+    Ok(Some((format!("{gguf}.{suffix}"), transform)))
+}
+
+/// `blk.{N}.` plus the rest, for names `{prefix}{N}.{rest}`.
+fn block<'a>(stem: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
+    let rest = stem.strip_prefix(prefix)?;
+    let (n, rest) = rest.split_once('.')?;
+    Some((n.parse().ok()?, rest))
+}
+
+fn llama_name(stem: &str) -> Option<String> {
+    let top = match stem {
+        "model.embed_tokens" => Some("token_embd"),
+        "lm_head" => Some("output"),
+        "model.norm" => Some("output_norm"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.into());
+    }
+    let (n, rest) = block(stem, "model.layers.")?;
+    let t = match rest {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{n}.{t}"))
+}
+
+fn bert_tensor(stem: &str) -> Option<String> {
+    let top = match stem {
+        "embeddings.word_embeddings" => Some("token_embd"),
+        "embeddings.position_embeddings" => Some("position_embd"),
+        "embeddings.token_type_embeddings" => Some("token_types"),
+        "embeddings.LayerNorm" => Some("token_embd_norm"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.into());
+    }
+    let (n, rest) = block(stem, "encoder.layer.")?;
+    let t = match rest {
+        "attention.self.query" => "attn_q",
+        "attention.self.key" => "attn_k",
+        "attention.self.value" => "attn_v",
+        "attention.output.dense" => "attn_output",
+        "attention.output.LayerNorm" => "attn_output_norm",
+        "intermediate.dense" => "ffn_up",
+        "output.dense" => "ffn_down",
+        "output.LayerNorm" => "layer_output_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{n}.{t}"))
+}
+
+fn gpt2_name(stem: &str) -> Option<String> {
+    let top = match stem {
+        "wte" => Some("token_embd"),
+        "wpe" => Some("position_embd"),
+        "ln_f" => Some("output_norm"),
+        "lm_head" => Some("output"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.into());
+    }
+    let (n, rest) = block(stem, "h.")?;
+    let t = match rest {
+        "ln_1" => "attn_norm",
+        "attn.c_attn" => "attn_qkv",
+        "attn.c_proj" => "attn_output",
+        "ln_2" => "ffn_norm",
+        "mlp.c_fc" => "ffn_up",
+        "mlp.c_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{n}.{t}"))
+}
+
+/// The destination row of source row `r` under Llama's permutation: within each head of `hd` rows,
+/// HF keeps the two rotary halves apart (row j*hd/2 + i), GGML interleaves them (row 2i + j).
+pub fn permuted_row(r: usize, rows: usize, heads: usize) -> usize {
+    let hd = rows / heads;
+    let (h, within) = (r / hd, r % hd);
+    let half = hd / 2;
+    let (j, i) = (within / half, within % half);
+    h * hd + 2 * i + j
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_matches_the_converters_reshape() {
+        // W.reshape(n_head, 2, hd/2, cols).swapaxes(1, 2).reshape(W.shape): output row h*hd + 2i + j is
+        // input row h*hd + j*hd/2 + i.
+        let (rows, heads) = (24, 3);
+        let hd = rows / heads;
+        let mut seen = vec![false; rows];
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                for j in 0..2 {
+                    let src = h * hd + j * hd / 2 + i;
+                    assert_eq!(permuted_row(src, rows, heads), h * hd + 2 * i + j);
+                    seen[h * hd + 2 * i + j] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn names() {
+        let h = Heads {
+            n_head: 4,
+            n_head_kv: 2,
+        };
+        let m = |a, n| map_tensor(a, false, h, n).unwrap();
+        assert_eq!(
+            m(Arch::Llama, "model.layers.10.self_attn.k_proj.weight"),
+            Some(("blk.10.attn_k.weight".into(), Transform::Permute { heads: 2 }))
+        );
+        assert_eq!(m(Arch::Llama, "model.layers.1.rotary_emb.inv_freq"), None);
+        assert_eq!(
+            m(Arch::Qwen2, "model.layers.0.self_attn.q_proj.bias"),
+            Some(("blk.0.attn_q.bias".into(), Transform::None))
+        );
+        assert_eq!(
+            m(Arch::Bert, "encoder.layer.5.output.LayerNorm.bias"),
+            Some(("blk.5.layer_output_norm.bias".into(), Transform::None))
+        );
+        assert_eq!(m(Arch::Bert, "pooler.dense.weight"), None);
+        assert_eq!(
+            m(Arch::Gpt2, "h.3.mlp.c_fc.weight"),
+            Some(("blk.3.ffn_up.weight".into(), Transform::Transpose))
+        );
+        assert_eq!(
+            m(Arch::Gpt2, "h.3.mlp.c_fc.bias"),
+            Some(("blk.3.ffn_up.bias".into(), Transform::None))
+        );
+        assert_eq!(m(Arch::Gpt2, "h.3.attn.bias"), None);
+        assert!(map_tensor(Arch::Llama, false, h, "model.layers.0.mlp.experts.weight").is_err());
+        assert_eq!(
+            map_tensor(Arch::Llama, true, h, "layers.2.mlp.down_proj.weight").unwrap(),
+            Some(("blk.2.ffn_down.weight".into(), Transform::None))
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! The GGUF container, version 3, byte for byte as gguf-py's `GGUFWriter` (and ggml's `gguf.cpp`) write
+//! it: magic, version, tensor and key-value counts, the key-value section (built by the Python layer
+//! with the `gguf` package and passed through as bytes), tensor infos, then the data, every tensor
+//! starting at a multiple of 32 bytes and padded to one.
+use super::quants::GgmlType;
+
+pub const ALIGNMENT: u64 = 32;
+const MAGIC: u32 = 0x4655_4747; // "GGUF"
+const VERSION: u32 = 3;
+
+/// One tensor of the file.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// numpy's shape (GGUF stores it reversed, fastest dimension first).
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    /// Drop trailing extents of 1 from the stored dims, as gguf.cpp (llama-quantize) does; gguf-py
+    /// (the converter) keeps numpy's rank.
+    pub trim_dims: bool,
+}
+
+impl TensorInfo {
+    /// Bytes of the tensor's data, unpadded.
+    pub fn nbytes(&self) -> u64 {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        let rows: usize = self.shape[..self.shape.len().saturating_sub(1)].iter().product();
+        (self.ty.row_bytes(cols) * rows) as u64
+    }
+
+    fn dims(&self) -> Vec<u64> {
+        let mut ne: Vec<u64> = self.shape.iter().rev().map(|&d| d as u64).collect();
+        if ne.is_empty() {
+            ne.push(1);
+        }
+        if self.trim_dims {
+            while ne.len() > 1 && *ne.last().expect("not empty") == 1 {
+                ne.pop();
+            }
+        }
+        ne
+    }
+}
+
+pub fn pad(n: u64) -> u64 {
+    n.div_ceil(ALIGNMENT) * ALIGNMENT
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Everything before the tensor data: header, key-values, tensor infos and the padding after them.
+/// Returns it with each tensor's absolute offset in the file and the file's total size.
+pub fn header(kv: &[u8], n_kv: u64, tensors: &[TensorInfo]) -> (Vec<u8>, Vec<u64>, u64) {
+    let mut out = Vec::with_capacity(kv.len() + 64 * tensors.len() + 64);
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&n_kv.to_le_bytes());
+    out.extend_from_slice(kv);
+    let mut relative = Vec::with_capacity(tensors.len());
+    let mut at = 0u64;
+    for t in tensors {
+        put_string(&mut out, &t.name);
+        let dims = t.dims();
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&t.ty.id().to_le_bytes());
+        out.extend_from_slice(&at.to_le_bytes());
+        relative.push(at);
+        at += pad(t.nbytes());
+    }
+    let data_start = pad(out.len() as u64);
+    out.resize(data_start as usize, 0);
+    let offsets = relative.iter().map(|r| data_start + r).collect();
+    (out, offsets, data_start + at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_aligned_and_padded() {
+        let t = |name: &str, shape: Vec<usize>, ty| TensorInfo {
+            name: name.into(),
+            shape,
+            ty,
+            trim_dims: false,
+        };
+        let tensors = [t("a", vec![3], GgmlType::F32), t("b", vec![2, 64], GgmlType::Q8_0)];
+        let (head, offsets, total) = header(&[], 0, &tensors);
+        assert_eq!(head.len() % 32, 0);
+        assert_eq!(&head[..4], b"GGUF");
+        assert_eq!(offsets[0], head.len() as u64);
+        assert_eq!(offsets[1], offsets[0] + 32); // 12 bytes padded to 32
+        assert_eq!(tensors[1].nbytes(), 2 * 2 * 34);
+        assert_eq!(total, offsets[1] + pad(136));
+        let trimmed = TensorInfo {
+            trim_dims: true,
+            ..t("c", vec![1, 384], GgmlType::F32)
+        };
+        assert_eq!(trimmed.dims(), vec![384]);
+        assert_eq!(t("c", vec![1, 384], GgmlType::F32).dims(), vec![384, 1]);
+    }
+}

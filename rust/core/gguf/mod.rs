@@ -1,0 +1,447 @@
+//! GGUF output from the streaming engine: the merge runs as it does for a float checkpoint, and each
+//! merged tile, on its way out, is renamed, rearranged and encoded as llama.cpp's tools would write the
+//! merged model - `convert_hf_to_gguf.py` for f32/f16/bf16/q8_0, that then `llama-quantize` for the
+//! 4-bit mixes - into one staging file renamed into place when complete.
+//!
+//! - `arch`: names, dropped tensors and transforms per architecture.
+//! - `types`: each tensor's ggml type (the converter's rules, llama-quantize's mixes).
+//! - `quants`: ggml's reference block quantizers.
+//! - `file`: the container layout.
+//!
+//! The key-value metadata (hyperparameters, tokenizer) is built by the Python layer with the `gguf`
+//! package and arrives here as bytes.
+pub mod arch;
+pub mod file;
+pub mod quants;
+pub mod types;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::core::dtype::FloatType;
+use crate::core::error::{Error, Result};
+use crate::core::io::{SafetensorsFile, TensorEntry};
+use crate::core::merge::plan;
+use crate::core::merge::sink::Dest;
+use crate::core::merge::source::Base;
+use crate::core::merge::{layout, run_jobs, MergeOptions};
+use crate::core::peft::Adapter;
+use crate::core::pool;
+use crate::core::progress::Progress;
+use crate::core::staging::Staging;
+
+use arch::{Arch, Heads, Transform};
+use file::TensorInfo;
+use quants::GgmlType;
+pub use types::FileType;
+
+#[derive(Debug, Clone)]
+pub struct GgufOptions {
+    pub file_type: FileType,
+    /// Adapter weights, threads, overwrite, safe merge (the output dtype and mode are GGUF's).
+    pub merge: MergeOptions,
+}
+
+/// One tensor of the GGUF file, and where its values come from.
+#[derive(Debug, Clone)]
+pub struct GgufTensor {
+    pub info: TensorInfo,
+    /// The merged model's tensor (the merge job's output name).
+    pub hf_name: String,
+    /// The merged model's dtype for it (the values the converter would read).
+    pub source: FloatType,
+    /// The converter's type, which a llama-quantize mix starts from (values are rounded through it).
+    pub converted: GgmlType,
+    pub transform: Transform,
+    /// The merged tensor as rows x cols (a vector is one row).
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// What the file will hold, in file order.
+#[derive(Debug, Clone)]
+pub struct GgufPlan {
+    pub arch: Arch,
+    /// `config.json` `architectures[0]`.
+    pub hf_arch: String,
+    /// The converter's `--outtype` the tensors start from (the requested one, or for a llama-quantize mix
+    /// the model's own dtype).
+    pub outtype: FileType,
+    pub tensors: Vec<GgufTensor>,
+}
+
+fn config_usize(base: &Base, keys: &[&str]) -> Option<usize> {
+    let config = base.ck.config.as_ref()?;
+    keys.iter()
+        .find_map(|k| config.get(*k).and_then(|v| v.as_u64()))
+        .map(|v| v as usize)
+}
+
+fn float_type(dtype: safetensors::Dtype) -> Option<FloatType> {
+    FloatType::from_safetensors(dtype)
+}
+
+/// Plan the merge (as a float checkpoint in the model's dtypes) and the GGUF file it becomes.
+fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(GgufPlan, plan::Plan)> {
+    let dir = &base.ck.dir;
+    let hf_arch = base
+        .ck
+        .architecture()
+        .ok_or_else(|| {
+            Error::json(
+                dir.join("config.json"),
+                "no architectures entry: cannot tell the GGUF architecture",
+            )
+        })?
+        .to_string();
+    let (arch, prefix_model) = arch::arch_of(&hf_arch).ok_or_else(|| {
+        Error::unsupported(
+            dir,
+            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Qwen2, BERT and GPT-2 models"),
+        )
+    })?;
+    let n_head = config_usize(base, &["n_heads", "num_attention_heads", "n_head"]).unwrap_or(0);
+    let heads = Heads {
+        n_head,
+        n_head_kv: config_usize(base, &["n_kv_heads", "num_key_value_heads"]).unwrap_or(n_head),
+    };
+    if arch == Arch::Llama && n_head == 0 {
+        return Err(Error::json(
+            dir.join("config.json"),
+            "no num_attention_heads: cannot permute q/k for llama.cpp",
+        ));
+    }
+    let merge_opts = MergeOptions {
+        dtype: None,
+        mode: crate::core::merge::Mode::Float,
+        stats: false,
+        ..opts.merge.clone()
+    };
+    let merge_plan = plan::plan(base, adapters, &merge_opts)?;
+    let planned = layout::planned(base, adapters, &merge_plan.jobs);
+    // The converter reads shards in file-name order and each shard's tensors sorted by name.
+    let mut order: Vec<usize> = (0..merge_plan.jobs.len()).collect();
+    let shard_name = |i: usize| {
+        base.ck
+            .shard_names
+            .get(merge_plan.jobs[i].out_shard)
+            .map(String::as_str)
+            .unwrap_or("")
+    };
+    order.sort_by(|&a, &b| {
+        (shard_name(a), &merge_plan.jobs[a].out_name).cmp(&(shard_name(b), &merge_plan.jobs[b].out_name))
+    });
+    let mut tensors = Vec::new();
+    for i in order {
+        let job = &merge_plan.jobs[i];
+        let Some((gguf_name, transform)) = arch::map_tensor(arch, prefix_model, heads, &job.out_name)
+            .map_err(|reason| Error::unsupported(dir, reason))?
+        else {
+            continue;
+        };
+        let out = &planned[i][0].0;
+        let source = float_type(out.dtype).ok_or_else(|| {
+            Error::unsupported(
+                dir,
+                format!("tensor {}: dtype {:?} has no GGUF float type", job.out_name, out.dtype),
+            )
+        })?;
+        let (rows, cols) = match out.shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => {
+                return Err(Error::unsupported(
+                    dir,
+                    format!(
+                        "tensor {}: shape {other:?}; lorafast's GGUF writer takes vectors and matrices",
+                        job.out_name
+                    ),
+                ))
+            }
+        };
+        let shape = match transform {
+            Transform::Transpose => vec![cols, rows],
+            _ => out.shape.clone(),
+        };
+        if let Transform::Permute { heads } = transform {
+            let n = if out.shape.len() == 1 { cols } else { rows };
+            if heads == 0 || n % (2 * heads) != 0 {
+                return Err(Error::unsupported(
+                    dir,
+                    format!(
+                        "tensor {}: {n} rows do not split into {heads} heads of rotary pairs",
+                        job.out_name
+                    ),
+                ));
+            }
+        }
+        tensors.push(GgufTensor {
+            info: TensorInfo {
+                name: gguf_name,
+                shape,
+                ty: GgmlType::F32,
+                trim_dims: false,
+            },
+            hf_name: job.out_name.clone(),
+            source,
+            converted: GgmlType::F32,
+            transform,
+            rows,
+            cols,
+        });
+    }
+    let outtype = if opts.file_type.is_quantize_mix() {
+        // llama-quantize starts from the converter's output in the model's own dtype.
+        match tensors.iter().find(|t| t.info.shape.len() >= 2).map(|t| t.source) {
+            Some(FloatType::BF16) => FileType::BF16,
+            Some(FloatType::F16) => FileType::F16,
+            _ => FileType::F32,
+        }
+    } else {
+        opts.file_type
+    };
+    for t in &mut tensors {
+        t.converted = types::converter_type(&t.info.name, &t.info.shape, outtype);
+        t.info.ty = t.converted;
+    }
+    if opts.file_type.is_quantize_mix() {
+        let names: Vec<&str> = tensors.iter().map(|t| t.info.name.as_str()).collect();
+        let order = types::quantize_order(&names);
+        let n_layer = config_usize(base, &["n_layers", "num_hidden_layers", "n_layer", "num_layers"]).unwrap_or(0);
+        let mut mix = types::QuantizeMix::new(opts.file_type, arch, &names, n_layer, heads.n_head, heads.n_head_kv);
+        let mut reordered = Vec::with_capacity(tensors.len());
+        for i in order {
+            let mut t = tensors[i].clone();
+            t.info.ty = mix.next(&t.info.name, &t.info.shape, t.converted);
+            t.info.trim_dims = true;
+            reordered.push(t);
+        }
+        tensors = reordered;
+    }
+    Ok((
+        GgufPlan {
+            arch,
+            hf_arch,
+            outtype,
+            tensors,
+        },
+        merge_plan,
+    ))
+}
+
+/// The GGUF file `merge` + convert would write, without writing it (for the metadata, which needs the
+/// tensor list: parameter count, file type).
+pub fn plan(base: &Path, adapters: &[PathBuf], opts: &GgufOptions) -> Result<GgufPlan> {
+    let base = Base::open(base)?;
+    let adapters: Vec<Adapter> = adapters.iter().map(|p| Adapter::open(p)).collect::<Result<_>>()?;
+    Ok(plan_all(&base, &adapters, opts)?.0)
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GgufReport {
+    pub output: PathBuf,
+    pub tensors: usize,
+    /// Tensors per ggml type name, in first-seen order.
+    pub types: Vec<(String, usize)>,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub nonfinite_values: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Merge `adapters` into `base` and write the result as the GGUF file `out`, with the key-value section
+/// `kv` (`n_kv` pairs, GGUF-encoded).
+pub fn write(
+    base: &Path,
+    adapters: &[PathBuf],
+    out: &Path,
+    kv: &[u8],
+    n_kv: u64,
+    opts: &GgufOptions,
+    progress: &dyn Progress,
+) -> Result<GgufReport> {
+    let started = Instant::now();
+    let inputs: Vec<&Path> = std::iter::once(base)
+        .chain(adapters.iter().map(PathBuf::as_path))
+        .collect();
+    let staging = Staging::new_file(out, &inputs, opts.merge.overwrite)?;
+    let base = Base::open(base)?;
+    let adapters: Vec<Adapter> = adapters.iter().map(|p| Adapter::open(p)).collect::<Result<_>>()?;
+    let (gplan, merge_plan) = plan_all(&base, &adapters, opts)?;
+    let infos: Vec<TensorInfo> = gplan.tensors.iter().map(|t| t.info.clone()).collect();
+    let (head, offsets, total) = file::header(kv, n_kv, &infos);
+    staging.check_space(total)?;
+    let path = staging.tmp.clone();
+    let f = File::options()
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    f.set_len(total).map_err(|e| Error::io(&path, e))?;
+    f.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
+    let dest = GgufDest {
+        file: &f,
+        path: &path,
+        by_name: gplan
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.hf_name.clone(), i))
+            .collect(),
+        tensors: &gplan.tensors,
+        offsets: &offsets,
+        held: Mutex::new(HashMap::new()),
+    };
+    let planned = layout::planned(&base, &adapters, &merge_plan.jobs);
+    progress.start(planned.iter().flatten().map(|(t, _)| t.byte_len() as u64).sum());
+    let pool = pool::build(opts.merge.threads)?;
+    let merge_opts = MergeOptions {
+        stats: false,
+        ..opts.merge.clone()
+    };
+    let (nonfinite, _) = run_jobs(
+        &base,
+        &adapters,
+        &merge_plan.jobs,
+        &planned,
+        &merge_opts,
+        &pool,
+        progress,
+        &dest,
+    )?;
+    f.sync_data().map_err(|e| Error::io(&path, e))?;
+    drop(f);
+    let mut warnings = staging.notices.clone();
+    warnings.extend(merge_plan.warnings);
+    let output = staging.commit()?;
+    let mut types: Vec<(String, usize)> = Vec::new();
+    for t in &gplan.tensors {
+        match types.iter_mut().find(|(n, _)| n == t.info.ty.name()) {
+            Some((_, c)) => *c += 1,
+            None => types.push((t.info.ty.name().to_string(), 1)),
+        }
+    }
+    Ok(GgufReport {
+        output,
+        tensors: gplan.tensors.len(),
+        types,
+        bytes_written: total,
+        seconds: started.elapsed().as_secs_f64(),
+        nonfinite_values: nonfinite,
+        warnings,
+    })
+}
+
+/// Receives the merged model's tensors, tile by tile in its float encoding, and writes their GGUF form.
+struct GgufDest<'a> {
+    file: &'a File,
+    path: &'a Path,
+    by_name: HashMap<String, usize>,
+    tensors: &'a [GgufTensor],
+    offsets: &'a [u64],
+    /// Transposed tensors are gathered whole before their rows exist: tensor -> (values, filled).
+    held: Mutex<HashMap<usize, (Vec<f32>, usize)>>,
+}
+
+impl GgufDest<'_> {
+    fn put(&self, at: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, at).map_err(|e| Error::io(self.path, e))
+    }
+
+    /// Values `[start, start + values.len())` of tensor `i` in the merged model's order.
+    fn values(&self, i: usize, start: usize, values: &mut [f32]) -> Result<()> {
+        let t = &self.tensors[i];
+        // The converter's output rounds; a llama-quantize mix reads those rounded values.
+        match t.converted {
+            GgmlType::F16 if t.source != FloatType::F16 => {
+                values.iter_mut().for_each(|v| *v = FloatType::F16.round_trip(*v))
+            }
+            GgmlType::BF16 if t.source != FloatType::BF16 => {
+                values.iter_mut().for_each(|v| *v = FloatType::BF16.round_trip(*v))
+            }
+            _ => {}
+        }
+        let ty = t.info.ty;
+        let offset = self.offsets[i];
+        match t.transform {
+            Transform::None => {
+                let cols = t.cols;
+                let mut out = vec![0u8; ty.row_bytes(cols) * (values.len() / cols)];
+                ty.encode_row(values, &mut out);
+                self.put(offset + (start / cols * ty.row_bytes(cols)) as u64, &out)
+            }
+            Transform::Permute { heads } => {
+                // A matrix permutes rows; a bias (one row) permutes its elements.
+                let (n, width) = if t.rows == 1 { (t.cols, 1) } else { (t.rows, t.cols) };
+                let row_bytes = ty.row_bytes(width);
+                let mut out = vec![0u8; row_bytes];
+                for (k, row) in values.chunks_exact(width).enumerate() {
+                    ty.encode_row(row, &mut out);
+                    let dst = arch::permuted_row(start / width + k, n, heads);
+                    self.put(offset + (dst * row_bytes) as u64, &out)?;
+                }
+                Ok(())
+            }
+            Transform::Transpose => {
+                let numel = t.rows * t.cols;
+                let whole = {
+                    let mut held = self.held.lock().expect("never poisoned");
+                    let (buf, filled) = held.entry(i).or_insert_with(|| (vec![0f32; numel], 0));
+                    buf[start..start + values.len()].copy_from_slice(values);
+                    *filled += values.len();
+                    if *filled < numel {
+                        return Ok(());
+                    }
+                    held.remove(&i).expect("present").0
+                };
+                let (rows, cols) = (t.rows, t.cols);
+                let mut tr = vec![0f32; numel];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        tr[c * rows + r] = whole[r * cols + c];
+                    }
+                }
+                let mut out = vec![0u8; ty.row_bytes(rows) * cols];
+                ty.encode_row(&tr, &mut out);
+                self.put(offset, &out)
+            }
+        }
+    }
+}
+
+impl Dest for GgufDest<'_> {
+    fn write(&self, tensor: &str, at: u64, bytes: &[u8]) -> Result<()> {
+        let Some(&i) = self.by_name.get(tensor) else {
+            return Ok(()); // a tensor the converter drops
+        };
+        let src = self.tensors[i].source;
+        let mut values = vec![0f32; bytes.len() / src.size()];
+        src.decode(bytes, &mut values);
+        self.values(i, at as usize / src.size(), &mut values)
+    }
+
+    fn copy(&self, tensor: &str, file: &SafetensorsFile, entry: &TensorEntry) -> Result<()> {
+        let Some(&i) = self.by_name.get(tensor) else {
+            return Ok(());
+        };
+        let t = &self.tensors[i];
+        let size = t.source.size();
+        // Whole rows at a time, about 64 Ki elements.
+        let chunk_rows = ((1 << 16) / t.cols.max(1)).max(1);
+        let mut bytes = Vec::new();
+        for r0 in (0..t.rows).step_by(chunk_rows) {
+            let n = chunk_rows.min(t.rows - r0);
+            bytes.resize(n * t.cols * size, 0);
+            file.read_bytes(entry, (r0 * t.cols * size) as u64, &mut bytes)?;
+            self.write(tensor, (r0 * t.cols * size) as u64, &bytes)?;
+        }
+        Ok(())
+    }
+
+    fn state(&self, _tensor: &str, _json: &str) -> Result<()> {
+        unreachable!("a GGUF merge has float outputs only")
+    }
+}

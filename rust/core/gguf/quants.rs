@@ -1,0 +1,523 @@
+//! ggml's tensor types and their reference quantizers (`ggml-quants.c`, the `_ref` functions that
+//! `llama-quantize` and `convert_hf_to_gguf.py` use when there is no importance matrix), ported operation
+//! for operation: the same f32 products and sums in the same order, no fused multiply-adds, so the
+//! blocks are byte-identical to llama.cpp's.
+use half::f16;
+
+use crate::core::dtype::FloatType;
+
+/// `ggml_type`: the tensor types lorafast writes (ids from `ggml.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+    BF16,
+}
+
+pub const QK_K: usize = 256;
+
+impl GgmlType {
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
+            GgmlType::Q6K => "Q6_K",
+            GgmlType::BF16 => "BF16",
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q4K => 144,
+            GgmlType::Q5K => 176,
+            GgmlType::Q6K => 210,
+        }
+    }
+
+    /// Bytes of a row of `n` elements (`n` a multiple of the block size).
+    pub fn row_bytes(self, n: usize) -> usize {
+        n / self.block_size() * self.type_size()
+    }
+
+    /// Encode one row (`x.len()` a multiple of the block size) into `out` (`row_bytes(x.len())` bytes).
+    pub fn encode_row(self, x: &[f32], out: &mut [u8]) {
+        debug_assert_eq!(x.len() % self.block_size(), 0);
+        debug_assert_eq!(out.len(), self.row_bytes(x.len()));
+        match self {
+            GgmlType::F32 => FloatType::F32.encode(x, out),
+            GgmlType::F16 => FloatType::F16.encode(x, out),
+            GgmlType::BF16 => {
+                for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
+                    o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+                }
+            }
+            _ => {
+                let (bs, ts) = (self.block_size(), self.type_size());
+                for (x, y) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+                    match self {
+                        GgmlType::Q8_0 => q8_0(x, y),
+                        GgmlType::Q4_0 => q4_0(x, y),
+                        GgmlType::Q5_0 => q5_0(x, y),
+                        GgmlType::Q5_1 => q5_1(x, y),
+                        GgmlType::Q4K => q4_k(x, y),
+                        GgmlType::Q5K => q5_k(x, y),
+                        GgmlType::Q6K => q6_k(x, y),
+                        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `ggml_compute_fp32_to_bf16`: round to nearest even; a NaN keeps its top bits and is made quiet.
+pub fn bf16_bits(v: f32) -> u16 {
+    let n = v.to_bits();
+    if n & 0x7fff_ffff > 0x7f80_0000 {
+        return ((n >> 16) | 64) as u16;
+    }
+    ((n as u64 + 0x7fff + ((n >> 16) & 1) as u64) >> 16) as u16
+}
+
+fn fp16(v: f32) -> [u8; 2] {
+    f16::from_f32(v).to_le_bytes()
+}
+
+fn from_fp16(b: [u8; 2]) -> f32 {
+    f16::from_le_bytes(b).to_f32()
+}
+
+/// `nearest_int`: round half to even through the 1.5 * 2^23 trick (garbage, but the same garbage, for
+/// |x| > 2^22).
+#[inline]
+fn nearest_int(fval: f32) -> i32 {
+    let val = fval + 12582912.0f32;
+    let i = val.to_bits() as i32;
+    (i & 0x007f_ffff).wrapping_sub(0x0040_0000)
+}
+
+/// C's conversion of a float to `int8_t` as x86-64 compilers emit it (truncate to int32, keep the low
+/// byte); the quantizers only convert values in range.
+#[inline]
+fn to_i8(v: f32) -> i8 {
+    v as i32 as i8
+}
+
+/// The value of largest magnitude (the first one, sign kept) and that magnitude.
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (amax, max)
+}
+
+fn q8_0(x: &[f32], y: &mut [u8]) {
+    let mut amax = 0f32;
+    for &v in x {
+        // MAX(a, b) = a > b ? a : b
+        amax = if amax > v.abs() { amax } else { v.abs() };
+    }
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&fp16(d));
+    for (q, &v) in y[2..].iter_mut().zip(x) {
+        *q = to_i8((v * id).round()) as u8;
+    }
+}
+
+fn q4_0(x: &[f32], y: &mut [u8]) {
+    let (_, max) = signed_absmax(x);
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&fp16(d));
+    for j in 0..16 {
+        let xi0 = (to_i8(x[j] * id + 8.5) as i32).min(15) as u8;
+        let xi1 = (to_i8(x[j + 16] * id + 8.5) as i32).min(15) as u8;
+        y[2 + j] = xi0 | (xi1 << 4);
+    }
+}
+
+fn q5_0(x: &[f32], y: &mut [u8]) {
+    let (_, max) = signed_absmax(x);
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&fp16(d));
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let xi0 = (to_i8(x[j] * id + 16.5) as i32).min(31) as u8;
+        let xi1 = (to_i8(x[j + 16] * id + 16.5) as i32).min(31) as u8;
+        y[6 + j] = (xi0 & 0x0f) | ((xi1 & 0x0f) << 4);
+        qh |= (((xi0 & 0x10) >> 4) as u32) << j;
+        qh |= (((xi1 & 0x10) >> 4) as u32) << (j + 16);
+    }
+    y[2..6].copy_from_slice(&qh.to_le_bytes());
+}
+
+fn q5_1(x: &[f32], y: &mut [u8]) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 31.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&fp16(d));
+    y[2..4].copy_from_slice(&fp16(min));
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let xi0 = ((x[j] - min) * id + 0.5) as i32 as u8;
+        let xi1 = ((x[j + 16] - min) * id + 0.5) as i32 as u8;
+        y[8 + j] = (xi0 & 0x0f) | ((xi1 & 0x0f) << 4);
+        qh |= (((xi0 & 0x10) >> 4) as u32) << j;
+        qh |= (((xi1 & 0x10) >> 4) as u32) << (j + 16);
+    }
+    y[4..8].copy_from_slice(&qh.to_le_bytes());
+}
+
+/// `make_qkx2_quants` (use_mad false): the scale and (negated) min of one sub-block, its levels in `l`.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l: &mut [u8],
+    laux: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.fill(0);
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = q as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = q as u8;
+            let (w, lf) = (weights[i], q as f32);
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// `get_scale_min_k4`: the 6-bit scale and min of sub-block `j`.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The shared body of Q4_K and Q5_K: sub-block scales and mins packed to 6 bits, then every level
+/// recomputed against the packed values. Writes d, dmin and scales into `head` (16 bytes).
+fn k_quant_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8], l: &mut [u8; QK_K]) {
+    let (mut weights, mut laux) = ([0f32; 32], [0u8; 32]);
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let mut sum_x2 = 0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, &v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let (s, m) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            &mut laux,
+            rmin,
+            0.1,
+            nstep,
+        );
+        (scales[j], mins[j]) = (s, m);
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let sc = &mut head[4..16];
+    for j in 0..8 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    head[0..2].copy_from_slice(&fp16(max_scale / 63.0));
+    head[2..4].copy_from_slice(&fp16(max_min / 63.0));
+    let (d_all, dmin_all) = (from_fp16([head[0], head[1]]), from_fp16([head[2], head[3]]));
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, &head[4..16]);
+        let d = d_all * s as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin_all * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax) as u8;
+        }
+    }
+}
+
+fn q4_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    y[4..16].fill(0);
+    k_quant_levels(x, 15, -1.0, 20, &mut y[..16], &mut l);
+    let qs = &mut y[16..144];
+    for (c, chunk) in l.chunks_exact(64).enumerate() {
+        for i in 0..32 {
+            qs[32 * c + i] = chunk[i] | (chunk[i + 32] << 4);
+        }
+    }
+}
+
+fn q5_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    y[4..16].fill(0);
+    k_quant_levels(x, 31, -0.5, 15, &mut y[..16], &mut l);
+    let (qh, ql) = y[16..176].split_at_mut(32);
+    qh.fill(0);
+    let (mut m1, mut m2) = (1u8, 2u8);
+    for (c, chunk) in l.chunks_exact(64).enumerate() {
+        for j in 0..32 {
+            let mut l1 = chunk[j];
+            if l1 > 15 {
+                l1 -= 16;
+                qh[j] |= m1;
+            }
+            let mut l2 = chunk[j + 32];
+            if l2 > 15 {
+                l2 -= 16;
+                qh[j] |= m2;
+            }
+            ql[32 * c + j] = l1 | (l2 << 4);
+        }
+        m1 <<= 2;
+        m2 <<= 2;
+    }
+}
+
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// `make_qx_quants` with rmse_type 1 (weights x^2) and no importance weights.
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (amax, max) = {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in x {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        (amax, max)
+    };
+    if amax < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for &v in x {
+            let lf = level(iscale, v) as f32;
+            let w = v * v;
+            sumlx += w * v * lf;
+            suml2 += w * lf * lf;
+        }
+        (sumlx, suml2)
+    };
+    let iscale = (-nmax) as f32 / max;
+    for (q, &v) in l.iter_mut().zip(x) {
+        *q = (level(iscale, v) + nmax) as i8;
+    }
+    let (sumlx, suml2) = sums(iscale);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (q, &v) in l.iter_mut().zip(x) {
+                *q = (nmax + level(iscale, v)) as i8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+fn q6_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+    for ib in 0..16 {
+        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+        scales[ib] = s;
+        if s.abs() > max_abs_scale {
+            max_abs_scale = s.abs();
+            max_scale = s;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        y.fill(0);
+        return;
+    }
+    let (ql, rest) = y.split_at_mut(128);
+    let (qh, rest) = rest.split_at_mut(64);
+    let (sc, d_bytes) = rest.split_at_mut(16);
+    let iscale = -128.0 / max_scale;
+    d_bytes.copy_from_slice(&fp16(1.0 / iscale));
+    for ib in 0..16 {
+        sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8 as u8;
+    }
+    let d_all = from_fp16([d_bytes[0], d_bytes[1]]);
+    for j in 0..16 {
+        let d = d_all * (sc[j] as i8) as f32;
+        if d == 0.0 {
+            continue;
+        }
+        for ii in 0..16 {
+            l[16 * j + ii] = (nearest_int(x[16 * j + ii] / d).clamp(-32, 31) + 32) as i8;
+        }
+    }
+    for h in 0..2 {
+        let (lh, ql, qh) = (
+            &l[128 * h..128 * h + 128],
+            &mut ql[64 * h..64 * h + 64],
+            &mut qh[32 * h..32 * h + 32],
+        );
+        for i in 0..32 {
+            let q = |k: usize| lh[i + 32 * k] as u8;
+            ql[i] = (q(0) & 0x0f) | ((q(2) & 0x0f) << 4);
+            ql[i + 32] = (q(1) & 0x0f) | ((q(3) & 0x0f) << 4);
+            qh[i] = (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
+        }
+    }
+}
