@@ -15,6 +15,8 @@ _PACKAGES = {
     "accelerate": ("accelerate", "torch"),
     "bitsandbytes": ("bitsandbytes", "torch"),
     "matplotlib": ("matplotlib", "torch"),
+    "gguf": ("gguf", "gguf"),
+    "sentencepiece": ("sentencepiece", "gguf"),
 }
 
 TRAINING = ("torch", "transformers", "peft", "accelerate")

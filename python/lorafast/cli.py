@@ -219,6 +219,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gguf(args: argparse.Namespace) -> int:
+    require("lorafast gguf", "gguf", "transformers")
+    from lorafast.gguf import to_gguf
+
+    r = to_gguf(
+        args.base,
+        args.adapters,
+        args.out,
+        type=args.type,
+        weights=args.weights,
+        name=args.name,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        safe_merge=args.safe_merge,
+        progress=not args.quiet,
+    )
+    for w in r.warnings:
+        print(f"lorafast: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        types = ", ".join(f"{n} {t}" for t, n in r.types)
+        merged = f"merged {len(args.adapters)} adapter(s), " if args.adapters else ""
+        print(
+            f"{merged}wrote {r.output}: {r.tensors} tensors ({types}); "
+            f"{r.bytes_written / 1e9:.3f} GB in {r.seconds:.2f} s"
+        )
+    return 0
+
+
 def _cmd_dequantize(args: argparse.Namespace) -> int:
     from lorafast.quant import dequantize
 
@@ -448,6 +476,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or report (unless --report)")
     m.set_defaults(func=_cmd_merge)
+
+    g = sub.add_parser("gguf", help="write GGUF for llama.cpp (adapters merged on the fly; optional 4-bit mixes)")
+    g.add_argument("base", help="base model folder (Llama, Mistral, Qwen2, BERT; float or bitsandbytes 4-bit)")
+    g.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT LoRA adapter folder(s) to merge")
+    g.add_argument("-o", "--out", required=True, help="output .gguf file")
+    g.add_argument(
+        "--type",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+        help="f32/f16/bf16/q8_0 as convert_hf_to_gguf.py writes; q4_0/q4_k_m/q5_k_m/q6_k as llama-quantize then does",
+    )
+    g.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
+    g.add_argument("--name", help="general.name (default: from the model card or folder, as the converter does)")
+    g.add_argument("--threads", type=int, help="worker threads (default: LORAFAST_NUM_THREADS or all cores)")
+    g.add_argument("--safe-merge", action="store_true", help="refuse to write NaN/Inf produced by the merge")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    g.set_defaults(func=_cmd_gguf)
 
     c = sub.add_parser("combine", help="combine LoRA adapters into one (PEFT's add_weighted_adapter, on files)")
     c.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapter folders")

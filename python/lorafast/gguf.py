@@ -1,0 +1,419 @@
+"""GGUF output that llama.cpp runs: a base model with adapters merged on the fly (exact, as
+``lorafast.merge``), written as ``convert_hf_to_gguf.py`` (f32 / f16 / bf16 / q8_0) and then
+``llama-quantize`` (q4_0 / q4_k_m / q5_k_m / q6_k) would write the merged model, in one streaming pass.
+
+>>> import lorafast
+>>> lorafast.to_gguf("base_model", ["adapter"], "model.gguf", type="q4_k_m")  # doctest: +SKIP
+
+The Rust core streams the tensors (names, transforms, dtype conversion, block quantizers); this module
+builds the key-value metadata the converter writes (hyperparameters, tokenizer, general.*) with the
+``gguf`` package, following the converter's classes for each architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lorafast import _core
+from lorafast._core import GgufReport
+from lorafast._deps import require
+from lorafast.hub import PathLike, resolve_model_path
+from lorafast.progress import run_with_bar
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+# llama_ftype of each --type (general.file_type), and of the converter's outtypes.
+FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+QUANT_VERSION = 2  # GGML_QUANT_VERSION
+
+
+def _hparams(model_dir: Path) -> dict[str, Any]:
+    """What the converter reads: transformers' config with its class defaults (`AutoConfig.to_dict()`),
+    text_config merged in, rope parameters normalized (`ModelBase.load_hparams` and `TextModel.__init__`)."""
+    try:
+        from transformers import AutoConfig
+
+        hparams = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+    except Exception:
+        hparams = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if "text_config" in hparams:
+        hparams = {**hparams, **hparams["text_config"]}
+    rope = hparams.get("rope_parameters", hparams.get("rope_scaling")) or {}
+    if "full_attention" not in rope and "sliding_attention" not in rope:
+        for key in ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"):
+            if key in hparams and "rope_theta" not in rope:
+                rope["rope_theta"] = hparams[key]
+        if "rope_type" not in rope and (t := rope.get("type")) is not None:
+            rope["rope_type"] = t
+        for key in ("partial_rotary_factor", "original_max_position_embeddings"):
+            if key in hparams and key not in rope:
+                rope[key] = hparams[key]
+    hparams["_rope"] = rope
+    return hparams
+
+
+def _find(hparams: dict[str, Any], keys: Sequence[str]) -> Any:
+    return next((hparams[k] for k in keys if k in hparams), None)
+
+
+def _general(w: Any, model_dir: Path, name: Optional[str], total_params: int) -> None:
+    """general.* as the converter derives it (`ModelBase.prepare_metadata`): model card, config, folder."""
+    import gguf
+
+    metadata = gguf.Metadata.load(None, model_dir, name, total_params)
+    gen = model_dir / "generation_config.json"
+    if metadata.sampling_penalty_repeat is None and gen.is_file():
+        # llama.cpp's gguf-py reads transformers' name too (PyPI's 0.19.0 does not yet).
+        try:
+            metadata.sampling_penalty_repeat = json.loads(gen.read_text(encoding="utf-8")).get("repetition_penalty")
+        except json.JSONDecodeError:
+            pass
+    if metadata.name is None:
+        metadata.name = model_dir.name
+    if metadata.size_label is None and total_params > 0:
+        metadata.size_label = gguf.size_label(total_params, total_params, 0, 0)
+    w.add_type(gguf.GGUFType.MODEL)
+    metadata.set_gguf_meta_model(w)
+
+
+def _text_params(w: Any, hparams: dict[str, Any], file_type: int) -> None:
+    """`TextModel.set_gguf_parameters` (the parts dense Llama, Qwen2 and BERT models reach)."""
+    import gguf
+
+    w.add_block_count(_find(hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"]))
+    ctx = _find(
+        hparams,
+        ["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"],
+    )
+    if ctx is not None:
+        w.add_context_length(ctx)
+    if (v := _find(hparams, ["hidden_size", "n_embd", "dim"])) is not None:
+        w.add_embedding_length(v)
+    ff_keys = [
+        "prefix_dense_intermediate_size",
+        "dense_intermediate_size",
+        "intermediate_size",
+        "n_inner",
+        "hidden_dim",
+    ]
+    if (v := _find(hparams, ff_keys)) is not None:
+        w.add_feed_forward_length(v)
+    if (v := _find(hparams, ["num_attention_heads", "n_head", "n_heads"])) is not None:
+        w.add_head_count(v)
+    if (v := _find(hparams, ["num_key_value_heads", "n_kv_heads"])) is not None:
+        w.add_head_count_kv(v)
+    if hparams.get("is_causal") is False:
+        w.add_causal_attention(False)
+    rope = hparams["_rope"]
+    rope_type = rope.get("rope_type")
+    if rope_type is not None and rope.get("factor") is not None:
+        if rope_type == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
+        elif rope_type == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rope["factor"])
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if rope_type in ("su", "longrope"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    if (theta := rope.get("rope_theta")) is not None:
+        w.add_rope_freq_base(theta)
+    if (v := _find(hparams, ["rms_norm_eps", "norm_eps"])) is not None:
+        w.add_layer_norm_rms_eps(v)
+    if (v := _find(hparams, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
+        w.add_layer_norm_eps(v)
+    if (head_dim := hparams.get("head_dim")) is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type(file_type)
+
+
+def _pooling(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
+    """`_try_set_pooling_type`: a sentence-transformers Pooling module decides the embedding's pooling."""
+    import gguf
+
+    modes = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "lasttoken": gguf.PoolingType.LAST}
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        for mod in json.loads(modules.read_text(encoding="utf-8")):
+            if mod["type"].endswith("Pooling"):
+                cfg = json.loads((model_dir / mod["path"] / "config.json").read_text(encoding="utf-8"))
+                if cfg.get("pooling_mode_mean_tokens"):
+                    w.add_pooling_type(gguf.PoolingType.MEAN)
+                elif cfg.get("pooling_mode_cls_token"):
+                    w.add_pooling_type(gguf.PoolingType.CLS)
+                elif cfg.get("pooling_mode_lasttoken"):
+                    w.add_pooling_type(gguf.PoolingType.LAST)
+                elif cfg.get("pooling_mode") in modes:
+                    w.add_pooling_type(modes[cfg["pooling_mode"]])
+                else:
+                    raise ValueError(
+                        f"{model_dir / mod['path']}: only mean, cls and last-token pooling run in llama.cpp"
+                    )
+                break
+    if (cp := hparams.get("classifier_pooling")) is not None:
+        w.add_classifier_pooling_type(modes[cp])
+
+
+def _looks_special(token: str) -> bool:
+    """`does_token_look_special`."""
+    return (
+        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (token.startswith("<|") and token.endswith("|>"))
+        or (token.startswith("<｜") and token.endswith("｜>"))
+        or (token.startswith("<unused") and token.endswith(">"))
+    )
+
+
+def _vocab_base(model_dir: Path, hparams: dict[str, Any]) -> tuple[list[str], list[int], str]:
+    """`get_vocab_base`: a BPE or WordPiece vocabulary through transformers, with llama.cpp's name for the
+    pre-tokenizer (found by the hash of the ids of a fixed text)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from lorafast._gguf_pretokenizers import CHKTXT, PRE_TOKENIZERS
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab_size = hparams.get("vocab_size", len(tokenizer.vocab))
+    chkhsh = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    pre = PRE_TOKENIZERS.get(chkhsh)
+    if pre is None:
+        raise ValueError(
+            f"{model_dir}: llama.cpp does not know this tokenizer's pre-tokenizer (hash {chkhsh}); "
+            "convert_hf_to_gguf.py refuses it too"
+        )
+    reverse = {i: t for t, i in tokenizer.vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types, pre
+
+
+def _vocab_sentencepiece(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
+    """`_set_vocab_sentencepiece`: tokenizer.model, added tokens, scores."""
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+
+    from lorafast._gguf_vocab import SpecialVocab
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(model_dir / "tokenizer.model"))
+    vocab_size = _find(hparams, ["vocab_size_per_layer_input", "vocab_size"]) or sp.vocab_size()
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        types[i] = (
+            gguf.TokenType.UNKNOWN
+            if sp.IsUnknown(i)
+            else gguf.TokenType.CONTROL
+            if sp.IsControl(i)
+            else gguf.TokenType.UNUSED
+            if sp.IsUnused(i)
+            else gguf.TokenType.BYTE
+            if sp.IsByte(i)
+            else gguf.TokenType.NORMAL
+        )
+    added_file = model_dir / "added_tokens.json"
+    if added_file.is_file():
+        for key, i in json.loads(added_file.read_text(encoding="utf-8")).items():
+            if i < vocab_size:
+                tokens[i], scores[i], types[i] = key.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
+    config_file = model_dir / "tokenizer_config.json"
+    if config_file.is_file():
+        decoder = json.loads(config_file.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+        for key, data in decoder.items():
+            i, token = int(key), data["content"]
+            if i >= vocab_size:
+                continue
+            if data.get("special") or _looks_special(token):
+                types[i] = gguf.TokenType.CONTROL
+            else:
+                token = token.replace("\u2581", " ")
+                types[i] = gguf.TokenType.USER_DEFINED
+            scores[i], tokens[i] = -1000.0, token.encode("utf-8")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def _vocab_gpt2(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
+    """`_set_vocab_gpt2`: byte-level BPE from tokenizer.json."""
+    from lorafast._gguf_vocab import SpecialVocab
+
+    tokens, types, pre = _vocab_base(model_dir, hparams)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    SpecialVocab(model_dir, load_merges=True).add_to_gguf(w, quiet=True)
+
+
+def _vocab_bert(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
+    """`BertModel.set_vocab`: WordPiece written with llama.cpp's phantom spaces."""
+    import gguf
+
+    from lorafast._gguf_vocab import SpecialVocab
+
+    tokens, types, pre = _vocab_base(model_dir, hparams)
+    w.add_token_type_count(hparams.get("type_vocab_size", 1))
+    tokens = [
+        t if ty == gguf.TokenType.CONTROL else t[2:] if t.startswith("##") else "\u2581" + t
+        for t, ty in zip(tokens, types)
+    ]
+    w.add_tokenizer_model("bert")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def _llama_vocab(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
+    """`LlamaModel.set_vocab` for sentencepiece and byte-level BPE tokenizers."""
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        if (aps := json.loads(config.read_text(encoding="utf-8")).get("add_prefix_space")) is not None:
+            w.add_add_space_prefix(aps)
+    if (model_dir / "tokenizer.model").is_file():
+        _vocab_sentencepiece(w, model_dir, hparams)
+    else:
+        _vocab_gpt2(w, model_dir, hparams)
+    if hparams.get("vocab_size", 32000) == 49152:
+        w.add_add_bos_token(False)
+
+
+def metadata(
+    model_dir: Path,
+    arch: str,
+    file_type: str,
+    outtype: str,
+    tensors: Sequence[tuple[str, Sequence[int], str]],
+    name: Optional[str] = None,
+) -> tuple[bytes, int]:
+    """The GGUF-encoded key-value section and its pair count, in the converter's order (for a
+    llama-quantize mix, with general.quantization_version and general.file_type moved last as
+    llama-quantize does)."""
+    import gguf
+
+    w = gguf.GGUFWriter(None, arch)
+    total = sum(math.prod(shape) for _, shape, _ in tensors)
+    _general(w, model_dir, name, total)
+    hparams = _hparams(model_dir)
+    converter_type = FILE_TYPES[outtype]
+    if arch == "gpt2":
+        w.add_block_count(hparams["n_layer"])
+        w.add_context_length(hparams["n_ctx"])
+        w.add_embedding_length(hparams["n_embd"])
+        w.add_feed_forward_length(4 * hparams["n_embd"])
+        w.add_head_count(hparams["n_head"])
+        w.add_layer_norm_eps(hparams["layer_norm_epsilon"])
+        w.add_file_type(converter_type)
+    else:
+        _text_params(w, hparams, converter_type)
+    if arch == "llama":
+        w.add_vocab_size(hparams["vocab_size"])
+        rope_dim = hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+        w.add_rope_dimension_count(rope_dim)
+    elif arch == "qwen2":
+        _pooling(w, model_dir, hparams)
+    elif arch == "bert":
+        w.add_causal_attention(False)
+        _pooling(w, model_dir, hparams)
+        labels = hparams.get("id2label")
+        if labels and not (len(labels) == 2 and labels.get(0, labels.get("0")) == "LABEL_0"):
+            w.add_classifier_output_labels([v for _, v in sorted(labels.items())])
+    w.add_quantization_version(QUANT_VERSION)
+    if arch == "llama":
+        _llama_vocab(w, model_dir, hparams)
+    elif arch == "qwen2":
+        if (model_dir / "tokenizer.model").is_file():
+            _vocab_sentencepiece(w, model_dir, hparams)
+        else:
+            _vocab_gpt2(w, model_dir, hparams)
+    elif arch == "bert":
+        _vocab_bert(w, model_dir, hparams)
+    else:
+        _vocab_gpt2(w, model_dir, hparams)
+    kv = w.kv_data[0]
+    if file_type != outtype:
+        # llama-quantize copies the converter's keys and sets these two last (gguf_set_val_u32 moves a key).
+        for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
+            kv.pop(key, None)
+        w.add_quantization_version(QUANT_VERSION)
+        w.add_file_type(FILE_TYPES[file_type])
+    out = bytearray()
+    for key, val in kv.items():
+        out += w._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False)
+        out += w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
+    return bytes(out), len(kv)
+
+
+def to_gguf(
+    base: PathLike,
+    adapters: Sequence[PathLike] = (),
+    out: PathLike = "model.gguf",
+    *,
+    type: str = "f16",
+    weights: Optional[Sequence[float]] = None,
+    name: Optional[str] = None,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    safe_merge: bool = False,
+    progress: bool = True,
+) -> GgufReport:
+    """Merge ``adapters`` into ``base`` and write ``out`` as GGUF of ``type`` (f32, f16, bf16, q8_0: as
+    convert_hf_to_gguf.py writes the merged model; q4_0, q4_k_m, q5_k_m, q6_k: as llama-quantize then
+    writes that). ``name`` sets general.name (default: derived from the model folder, as the converter does)."""
+    require("lorafast gguf", "gguf", "transformers")
+    file_type = type.lower()
+    if file_type not in TYPES:
+        from lorafast.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"unknown GGUF type {type!r}; use one of {', '.join(TYPES)}")
+    base_dir = Path(resolve_model_path(base))
+    adapter_dirs = [Path(resolve_model_path(a)) for a in adapters]
+    arch, _, outtype, tensors = _core.gguf_plan(base_dir, adapter_dirs, file_type=file_type, weights=weights)
+    kv, n_kv = metadata(base_dir, arch, file_type, outtype, tensors, name)
+    return run_with_bar(
+        "gguf",
+        progress,
+        lambda cb: _core.gguf_write(
+            base_dir,
+            adapter_dirs,
+            out,
+            kv,
+            n_kv,
+            file_type=file_type,
+            weights=weights,
+            threads=threads,
+            overwrite=overwrite,
+            safe_merge=safe_merge,
+            progress=cb,
+        ),
+    )
