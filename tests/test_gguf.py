@@ -29,11 +29,12 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[2].encode(), sys.argv[3].encode
 """
 
 
-def convert(llama_cpp_dir: Path, model: Path, outtype: str, out: Path) -> Path:
+def convert(llama_cpp_dir: Path, model: Path, outtype: str, out: Path, name: str | None = None) -> Path:
     """convert_hf_to_gguf.py as users run it (its vendored gguf-py first on the path)."""
     script = llama_cpp_dir / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    extra = ["--model-name", name] if name else []
     run = subprocess.run(
-        [sys.executable, str(script), str(model), "--outtype", outtype, "--outfile", str(out)],
+        [sys.executable, str(script), str(model), "--outtype", outtype, "--outfile", str(out), *extra],
         capture_output=True,
         text=True,
     )
@@ -105,3 +106,84 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     with pytest.raises(UnsupportedError, match="architecture FalconForCausalLM"):
         lgguf.to_gguf(model, [], tmp_path / "x.gguf", progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def with_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """A sentencepiece tokenizer.model trained here on generated text (Llama's tokenizer format)."""
+    import numpy as np
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(7)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    lines = [" ".join("".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(12)) for _ in range(400)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    return folder
+
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merged_model_is_byte_identical_to_llama_cpp(llama_cpp_dir, tmp_path, arch):
+    """Adapters merged on the fly give the file llama.cpp's tools make from the merged checkpoint: Llama
+    (q/k rows permuted, untied output) and Qwen2 (q/k/v biases, tied embeddings), K-quant sized rows."""
+    import torch
+    import transformers
+    from conftest import save_adapter, save_model, tiny_llama_config, tiny_qwen2_config
+
+    import lorafast
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_llama_config(**shape) if arch == "llama" else tiny_qwen2_config(**shape)
+    auto = transformers.AutoModelForCausalLM
+    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen2ForCausalLM
+    base = with_sentencepiece_tokenizer(save_model(cls, cfg, tmp_path / "a" / "model", torch.bfloat16), 256)
+    adapter = save_adapter(auto, base, tmp_path / "adapter", target_modules=LINEARS, r=4, lora_alpha=8)
+    merged = lorafast.merge(base, [adapter], tmp_path / "b" / "model", progress=False).output
+    for file_type in CONVERTER_TYPES + list(MIXES):
+        outtype = file_type if file_type in CONVERTER_TYPES else "bf16"
+        theirs = convert(llama_cpp_dir, merged, outtype, tmp_path / "theirs.gguf", name="tiny")
+        if file_type in MIXES:
+            theirs = llama_quantize(llama_cpp_dir, theirs, tmp_path / "theirs-q.gguf", MIXES[file_type])
+        ours = tmp_path / f"{file_type}.gguf"
+        lgguf.to_gguf(base, [adapter], ours, type=file_type, name="tiny", progress=False)
+        assert_same_file(ours, theirs)
+
+
+@pytest.mark.slow
+def test_four_bit_base_is_dequantized_exactly(llama_cpp_dir, tmp_path):
+    """A bitsandbytes 4-bit base (with an adapter) gives the GGUF of its float merge, as the merge does."""
+    import torch
+    import transformers
+    from conftest import save_adapter, save_model, tiny_llama_config
+
+    import lorafast
+
+    cfg = tiny_llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    base = save_model(transformers.LlamaForCausalLM, cfg, tmp_path / "base", torch.bfloat16)
+    with_sentencepiece_tokenizer(base, 256)
+    adapter = save_adapter(
+        transformers.AutoModelForCausalLM, base, tmp_path / "adapter", target_modules=LINEARS, r=4, lora_alpha=8
+    )
+    qbase = lorafast.quantize(base, tmp_path / "a" / "model", progress=False).output
+    merged = lorafast.merge(qbase, [adapter], tmp_path / "b" / "model", progress=False).output
+    for file_type in ("q8_0", "q4_k_m"):
+        theirs = convert(llama_cpp_dir, merged, "q8_0" if file_type == "q8_0" else "bf16", tmp_path / "t.gguf")
+        if file_type in MIXES:
+            theirs = llama_quantize(llama_cpp_dir, theirs, tmp_path / "tq.gguf", MIXES[file_type])
+        ours = tmp_path / f"{file_type}.gguf"
+        lgguf.to_gguf(qbase, [adapter], ours, type=file_type, progress=False)
+        assert_same_file(ours, theirs)

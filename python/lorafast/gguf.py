@@ -325,6 +325,12 @@ def metadata(
     total = sum(math.prod(shape) for _, shape, _ in tensors)
     _general(w, model_dir, name, total)
     hparams = _hparams(model_dir)
+    if str(hparams["_rope"].get("rope_type", "")).lower() == "llama3":
+        from lorafast.errors import UnsupportedError
+
+        raise UnsupportedError(
+            f"{model_dir}: Llama 3 rope scaling needs the rope_freqs tensor, which lorafast gguf does not write yet"
+        )
     converter_type = FILE_TYPES[outtype]
     if arch == "gpt2":
         w.add_block_count(hparams["n_layer"])

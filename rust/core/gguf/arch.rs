@@ -30,7 +30,8 @@ pub fn arch_of(hf_arch: &str) -> Option<(Arch, bool)> {
         "Qwen2ForCausalLM" => (Arch::Qwen2, false),
         "Qwen2Model" => (Arch::Qwen2, true),
         "BertModel" => (Arch::Bert, false),
-        "GPT2LMHeadModel" => (Arch::Gpt2, false),
+        // GPT-2's tensors map (below), but nothing checks them against the converter yet: llama.cpp only
+        // converts GPT-2 tokenizers whose pre-tokenizer it knows, and none is available offline.
         _ => return None,
     })
 }

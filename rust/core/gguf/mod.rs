@@ -101,7 +101,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
     let (arch, prefix_model) = arch::arch_of(&hf_arch).ok_or_else(|| {
         Error::unsupported(
             dir,
-            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Qwen2, BERT and GPT-2 models"),
+            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Qwen2 and BERT models"),
         )
     })?;
     let n_head = config_usize(base, &["n_heads", "num_attention_heads", "n_head"]).unwrap_or(0);
