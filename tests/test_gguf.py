@@ -187,3 +187,51 @@ def test_four_bit_base_is_dequantized_exactly(llama_cpp_dir, tmp_path):
         ours = tmp_path / f"{file_type}.gguf"
         lgguf.to_gguf(qbase, [adapter], ours, type=file_type, progress=False)
         assert_same_file(ours, theirs)
+
+
+def convert_lora(llama_cpp_dir: Path, adapter: Path, base: Path, outtype: str, out: Path) -> Path:
+    script = llama_cpp_dir / "vendor" / "llama.cpp" / "convert_lora_to_gguf.py"
+    run = subprocess.run(
+        [sys.executable, str(script), str(adapter), "--base", str(base), "--outtype", outtype, "--outfile", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_adapter_is_byte_identical_to_convert_lora_to_gguf(llama_cpp_dir, tmp_path, arch):
+    import torch
+    import transformers
+    from conftest import save_adapter, save_model, tiny_llama_config, tiny_qwen2_config
+
+    cfg = tiny_llama_config() if arch == "llama" else tiny_qwen2_config()
+    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen2ForCausalLM
+    base = save_model(cls, cfg, tmp_path / "base", torch.bfloat16)
+    adapter = save_adapter(
+        transformers.AutoModelForCausalLM, base, tmp_path / "adapter", target_modules=LINEARS, r=8, lora_alpha=16
+    )
+    for file_type in CONVERTER_TYPES:
+        theirs = convert_lora(llama_cpp_dir, adapter, base, file_type, tmp_path / f"theirs-{file_type}.gguf")
+        ours = tmp_path / f"{file_type}.gguf"
+        report = lgguf.lora_to_gguf(adapter, base, ours, type=file_type)
+        assert report.tensors == 2 * len(LINEARS) * cfg.num_hidden_layers
+        assert_same_file(ours, theirs)
+
+
+def test_lora_adapters_llama_cpp_cannot_express_are_refused(tmp_path):
+    import torch
+    import transformers
+    from conftest import save_adapter, save_model, tiny_llama_config
+
+    from lorafast.errors import UnsupportedError
+
+    base = save_model(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "base", torch.float32)
+    auto = transformers.AutoModelForCausalLM
+    for kw, why in [({"use_rslora": True}, "rsLoRA"), ({"use_dora": True}, "DoRA")]:
+        adapter = save_adapter(auto, base, tmp_path / f"a-{why}", target_modules=["q_proj"], r=4, **kw)
+        with pytest.raises(UnsupportedError, match=why):
+            lgguf.lora_to_gguf(adapter, base, tmp_path / "x.gguf")
+        assert not (tmp_path / "x.gguf").exists()

@@ -31,6 +31,8 @@ __all__ = [
     "gguf_plan",
     "gguf_write",
     "gguf_encode_rows",
+    "gguf_lora_plan",
+    "gguf_lora_write",
 ]
 
 @final
@@ -262,3 +264,16 @@ def gguf_write(
     progress: Optional[Callable[[str, int], Any]] = None,
 ) -> GgufReport: ...
 def gguf_encode_rows(values: npt.NDArray[np.float32], row_len: int, ggml_type: str) -> bytes: ...
+def gguf_lora_plan(
+    adapter: _Path, base: _Path, *, file_type: str
+) -> tuple[str, float, list[tuple[str, list[int], str]]]: ...
+def gguf_lora_write(
+    adapter: _Path,
+    base: _Path,
+    out: _Path,
+    kv: bytes,
+    n_kv: int,
+    *,
+    file_type: str,
+    overwrite: bool = False,
+) -> GgufReport: ...

@@ -247,6 +247,17 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gguf_lora(args: argparse.Namespace) -> int:
+    require("lorafast gguf-lora", "gguf")
+    from lorafast.gguf import lora_to_gguf
+
+    r = lora_to_gguf(args.adapter, args.base, args.out, type=args.type, name=args.name, overwrite=args.overwrite)
+    if not args.quiet:
+        types = ", ".join(f"{n} {t}" for t, n in r.types)
+        print(f"wrote {r.output}: {r.tensors} tensors ({types}); {r.bytes_written / 1e6:.1f} MB in {r.seconds:.2f} s")
+    return 0
+
+
 def _cmd_dequantize(args: argparse.Namespace) -> int:
     from lorafast.quant import dequantize
 
@@ -494,6 +505,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     g.set_defaults(func=_cmd_gguf)
+
+    gl = sub.add_parser("gguf-lora", help="write a LoRA adapter as GGUF for llama.cpp's --lora")
+    gl.add_argument("adapter", help="PEFT LoRA adapter folder")
+    gl.add_argument("--base", required=True, help="the base model folder it was trained on (its config.json)")
+    gl.add_argument("-o", "--out", required=True, help="output .gguf file")
+    gl.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type (default f32)")
+    gl.add_argument("--name", help="general.name (default: from the adapter's model card or folder)")
+    gl.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    gl.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    gl.set_defaults(func=_cmd_gguf_lora)
 
     c = sub.add_parser("combine", help="combine LoRA adapters into one (PEFT's add_weighted_adapter, on files)")
     c.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapter folders")

@@ -373,11 +373,7 @@ def metadata(
             kv.pop(key, None)
         w.add_quantization_version(QUANT_VERSION)
         w.add_file_type(FILE_TYPES[file_type])
-    out = bytearray()
-    for key, val in kv.items():
-        out += w._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False)
-        out += w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
-    return bytes(out), len(kv)
+    return _encode_kv(w)
 
 
 def to_gguf(
@@ -423,3 +419,70 @@ def to_gguf(
             progress=cb,
         ),
     )
+
+
+def lora_metadata(
+    adapter_dir: Path,
+    base_dir: Path,
+    arch: str,
+    lora_alpha: float,
+    tensors: Sequence[tuple[str, Sequence[int], str]],
+    name: Optional[str] = None,
+) -> tuple[bytes, int]:
+    """The key-value section `convert_lora_to_gguf.py` writes: general.* from the adapter folder (its
+    README's model card), general.type adapter, adapter.type lora, adapter.lora.alpha."""
+    import gguf
+
+    w = gguf.GGUFWriter(None, arch)
+    # gguf's parameter count of a LoRA file: each pair counts as B's rows times A's columns, negated.
+    total, last_a = 0, None
+    for tname, shape, _ in tensors:
+        if tname.endswith(".lora_a"):
+            last_a = shape
+        elif tname.endswith(".lora_b") and last_a is not None:
+            total += math.prod([*shape[:-1], last_a[-1]])
+    metadata = gguf.Metadata.load(None, adapter_dir, name, -total)
+    if metadata.name is None:
+        metadata.name = base_dir.name
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    metadata.set_gguf_meta_model(w)
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_alpha))
+    w.add_quantization_version(QUANT_VERSION)
+    return _encode_kv(w)
+
+
+def _encode_kv(w: Any) -> tuple[bytes, int]:
+    import gguf
+
+    out = bytearray()
+    for key, val in w.kv_data[0].items():
+        out += w._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False)
+        out += w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
+    return bytes(out), len(w.kv_data[0])
+
+
+def lora_to_gguf(
+    adapter: PathLike,
+    base: PathLike,
+    out: PathLike,
+    *,
+    type: str = "f32",
+    name: Optional[str] = None,
+    overwrite: bool = False,
+) -> GgufReport:
+    """Write the PEFT LoRA ``adapter`` (trained on the model folder ``base``) as a GGUF adapter that
+    llama.cpp applies at run time (``--lora``), as convert_lora_to_gguf.py writes it (f32, f16, bf16, q8_0).
+    Adapters llama.cpp's format cannot express exactly (DoRA, rsLoRA, per-module alpha, saved modules) are
+    refused: merge them instead (``to_gguf``)."""
+    require("lorafast gguf-lora", "gguf")
+    file_type = type.lower()
+    if file_type not in ("f32", "f16", "bf16", "q8_0"):
+        from lorafast.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"a LoRA GGUF is f32, f16, bf16 or q8_0, not {type!r}")
+    adapter_dir = Path(resolve_model_path(adapter))
+    base_dir = Path(resolve_model_path(base))
+    arch, alpha, tensors = _core.gguf_lora_plan(adapter_dir, base_dir, file_type=file_type)
+    kv, n_kv = lora_metadata(adapter_dir, base_dir, arch, alpha, tensors, name)
+    return _core.gguf_lora_write(adapter_dir, base_dir, out, kv, n_kv, file_type=file_type, overwrite=overwrite)

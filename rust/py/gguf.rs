@@ -90,7 +90,55 @@ pub fn gguf_write(
     let r = run_detached(py, PyProgress::new(progress), |p| {
         gguf::write(&base, &adapters, &out, &kv, n_kv, &opts, p)
     })?;
-    Ok(GgufReport {
+    Ok(report(r))
+}
+
+/// The LoRA GGUF file `gguf_lora_write` would write: (architecture, lora_alpha, [(name, numpy shape,
+/// ggml type name)] in file order).
+#[pyfunction]
+#[pyo3(signature = (adapter, base, *, file_type))]
+#[allow(clippy::type_complexity)]
+pub fn gguf_lora_plan(
+    py: Python<'_>,
+    adapter: PathBuf,
+    base: PathBuf,
+    file_type: &str,
+) -> PyResult<(String, f64, Vec<(String, Vec<usize>, String)>)> {
+    let ft = self::file_type(file_type)?;
+    let plan = py.detach(|| gguf::lora::plan(&adapter, &base, ft)).map_err(to_py)?;
+    Ok((
+        plan.arch.to_string(),
+        plan.lora_alpha,
+        plan.tensors
+            .into_iter()
+            .map(|t| (t.info.name, t.info.shape, t.info.ty.name().to_string()))
+            .collect(),
+    ))
+}
+
+/// Write `adapter` (for the model folder `base`) as a LoRA GGUF file with the key-value section `kv`.
+#[pyfunction]
+#[pyo3(signature = (adapter, base, out, kv, n_kv, *, file_type, overwrite=false))]
+#[allow(clippy::too_many_arguments)]
+pub fn gguf_lora_write(
+    py: Python<'_>,
+    adapter: PathBuf,
+    base: PathBuf,
+    out: PathBuf,
+    kv: Vec<u8>,
+    n_kv: u64,
+    file_type: &str,
+    overwrite: bool,
+) -> PyResult<GgufReport> {
+    let ft = self::file_type(file_type)?;
+    let r = py
+        .detach(|| gguf::lora::write(&adapter, &base, &out, &kv, n_kv, ft, overwrite))
+        .map_err(to_py)?;
+    Ok(report(r))
+}
+
+fn report(r: gguf::GgufReport) -> GgufReport {
+    GgufReport {
         output: r.output,
         tensors: r.tensors,
         types: r.types,
@@ -98,7 +146,7 @@ pub fn gguf_write(
         seconds: r.seconds,
         nonfinite_values: r.nonfinite_values,
         warnings: r.warnings,
-    })
+    }
 }
 
 /// Encode rows of `row_len` f32 values as ggml type `ggml_type` (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1,

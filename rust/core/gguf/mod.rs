@@ -12,6 +12,7 @@
 //! package and arrives here as bytes.
 pub mod arch;
 pub mod file;
+pub mod lora;
 pub mod quants;
 pub mod types;
 
@@ -317,22 +318,27 @@ pub fn write(
     let mut warnings = staging.notices.clone();
     warnings.extend(merge_plan.warnings);
     let output = staging.commit()?;
-    let mut types: Vec<(String, usize)> = Vec::new();
-    for t in &gplan.tensors {
-        match types.iter_mut().find(|(n, _)| n == t.info.ty.name()) {
-            Some((_, c)) => *c += 1,
-            None => types.push((t.info.ty.name().to_string(), 1)),
-        }
-    }
     Ok(GgufReport {
         output,
         tensors: gplan.tensors.len(),
-        types,
+        types: type_counts(gplan.tensors.iter().map(|t| &t.info)),
         bytes_written: total,
         seconds: started.elapsed().as_secs_f64(),
         nonfinite_values: nonfinite,
         warnings,
     })
+}
+
+/// Tensors per ggml type name, in order of first use.
+pub(crate) fn type_counts<'a>(infos: impl Iterator<Item = &'a TensorInfo>) -> Vec<(String, usize)> {
+    let mut types: Vec<(String, usize)> = Vec::new();
+    for t in infos {
+        match types.iter_mut().find(|(n, _)| n == t.ty.name()) {
+            Some((_, c)) => *c += 1,
+            None => types.push((t.ty.name().to_string(), 1)),
+        }
+    }
+    types
 }
 
 /// Receives the merged model's tensors, tile by tile in its float encoding, and writes their GGUF form.
