@@ -341,6 +341,18 @@ pub(crate) fn type_counts<'a>(infos: impl Iterator<Item = &'a TensorInfo>) -> Ve
     types
 }
 
+/// Whether `bytes` in `src` encode to the same bytes in GGUF type `ty`: an f32 or f16 tensor kept in its
+/// type is copied by the converter; bf16 goes through f32 and back, which changes only NaNs (quieted).
+fn same_encoding(src: FloatType, ty: GgmlType, bytes: &[u8]) -> bool {
+    match (src, ty) {
+        (FloatType::F32, GgmlType::F32) | (FloatType::F16, GgmlType::F16) => true,
+        (FloatType::BF16, GgmlType::BF16) => bytes
+            .chunks_exact(2)
+            .all(|h| u16::from_le_bytes([h[0], h[1]]) & 0x7fff <= 0x7f80),
+        _ => false,
+    }
+}
+
 /// Receives the merged model's tensors, tile by tile in its float encoding, and writes their GGUF form.
 struct GgufDest<'a> {
     file: &'a File,
@@ -423,7 +435,12 @@ impl Dest for GgufDest<'_> {
         let Some(&i) = self.by_name.get(tensor) else {
             return Ok(()); // a tensor the converter drops
         };
-        let src = self.tensors[i].source;
+        let t = &self.tensors[i];
+        let src = t.source;
+        if t.transform == Transform::None && same_encoding(src, t.info.ty, bytes) {
+            // The converter's output holds these bytes unchanged: write them as they are.
+            return self.put(self.offsets[i] + at, bytes);
+        }
         let mut values = vec![0f32; bytes.len() / src.size()];
         src.decode(bytes, &mut values);
         self.values(i, at as usize / src.size(), &mut values)
@@ -449,5 +466,26 @@ impl Dest for GgufDest<'_> {
 
     fn state(&self, _tensor: &str, _json: &str) -> Result<()> {
         unreachable!("a GGUF merge has float outputs only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_pass_through_only_where_the_converter_keeps_them() {
+        let bf16 = |v: &[u16]| v.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>();
+        assert!(same_encoding(
+            FloatType::BF16,
+            GgmlType::BF16,
+            &bf16(&[0x3f80, 0xff80, 0x7f80])
+        ));
+        // A bf16 NaN without the quiet bit: the converter's f32 -> bf16 rounding sets it.
+        let snan = bf16(&[0x7f81]);
+        assert!(!same_encoding(FloatType::BF16, GgmlType::BF16, &snan));
+        assert_eq!(quants::bf16_bits(f32::from_bits(0x7f81_0000)), 0x7fc1);
+        assert!(same_encoding(FloatType::F16, GgmlType::F16, &snan));
+        assert!(!same_encoding(FloatType::BF16, GgmlType::F16, &bf16(&[0x3f80])));
     }
 }
