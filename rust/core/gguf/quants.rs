@@ -95,6 +95,9 @@ impl GgmlType {
                     o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
                 }
             }
+            GgmlType::Q4K => encode_q4k_blocks(x, out),
+            GgmlType::Q5K => encode_q5k_blocks(x, out),
+            GgmlType::Q6K => encode_q6k_blocks(x, out),
             _ => {
                 let (bs, ts) = (self.block_size(), self.type_size());
                 for (x, y) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
@@ -110,6 +113,32 @@ impl GgmlType {
                     }
                 }
             }
+        }
+    }
+}
+
+// The K-quant blocks compiled for the widest SIMD the CPU has: the sub-block lanes become vector lanes,
+// each lane's operations unchanged (Rust never fuses a multiply and an add), so the bytes do not change.
+crate::dispatch! {
+    pub fn encode_q4k_blocks(x: &[f32], out: &mut [u8]) {
+        for (x, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
+            q4_k(x, y);
+        }
+    }
+}
+
+crate::dispatch! {
+    pub fn encode_q5k_blocks(x: &[f32], out: &mut [u8]) {
+        for (x, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(176)) {
+            q5_k(x, y);
+        }
+    }
+}
+
+crate::dispatch! {
+    pub fn encode_q6k_blocks(x: &[f32], out: &mut [u8]) {
+        for (x, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
+            q6_k(x, y);
         }
     }
 }
@@ -133,7 +162,7 @@ fn from_fp16(b: [u8; 2]) -> f32 {
 
 /// `nearest_int`: round half to even through the 1.5 * 2^23 trick (garbage, but the same garbage, for
 /// |x| > 2^22).
-#[inline]
+#[inline(always)]
 fn nearest_int(fval: f32) -> i32 {
     let val = fval + 12582912.0f32;
     let i = val.to_bits() as i32;
@@ -226,86 +255,118 @@ fn q5_1(x: &[f32], y: &mut [u8]) {
     y[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 
-/// `make_qkx2_quants` (use_mad false): the scale and (negated) min of one sub-block, its levels in `l`.
-#[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+/// `make_qkx2_quants` (use_mad false) for 8 sub-blocks at once, lane k holding sub-block k: the same
+/// f32 operations in the same order per lane as the scalar version, bit for bit.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn make_qkx2_quants_x8(
     nmax: i32,
-    x: &[f32],
-    weights: &[f32],
-    l: &mut [u8],
-    laux: &mut [u8],
+    x: &[[f32; 8]; 32],
+    w: &[[f32; 8]; 32],
+    l: &mut [[u8; 8]; 32],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
-) -> (f32, f32) {
-    let n = x.len();
+) -> ([f32; 8], [f32; 8]) {
     let (mut min, mut max) = (x[0], x[0]);
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
-        }
-        if x[i] > max {
-            max = x[i];
-        }
-        let w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
+    let mut sum_w = w[0];
+    let mut sum_x = [0f32; 8];
+    for k in 0..8 {
+        sum_x[k] = sum_w[k] * x[0][k];
     }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max == min {
-        l.fill(0);
-        return (0.0, -min);
+    for i in 1..32 {
+        for k in 0..8 {
+            if x[i][k] < min[k] {
+                min[k] = x[i][k];
+            }
+            if x[i][k] > max[k] {
+                max[k] = x[i][k];
+            }
+            sum_w[k] += w[i][k];
+            sum_x[k] += w[i][k] * x[i][k];
+        }
     }
     let nmaxf = nmax as f32;
-    let mut iscale = nmaxf / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_error = 0f32;
-    for i in 0..n {
-        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        l[i] = q as u8;
-        let diff = scale * l[i] as f32 + min - x[i];
-        best_error += weights[i] * (diff * diff);
+    let mut flat = [false; 8];
+    let mut iscale = [0f32; 8];
+    let mut scale = [0f32; 8];
+    for k in 0..8 {
+        if min[k] > 0.0 {
+            min[k] = 0.0;
+        }
+        flat[k] = max[k] == min[k];
+        iscale[k] = nmaxf / (max[k] - min[k]);
+        scale[k] = 1.0 / iscale[k];
     }
+    let mut best_error = [0f32; 8];
+    for i in 0..32 {
+        for k in 0..8 {
+            let q = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax) as u8;
+            l[i][k] = q;
+            let diff = scale[k] * q as f32 + min[k] - x[i][k];
+            best_error[k] += w[i][k] * (diff * diff);
+        }
+    }
+    let mut laux = [[0u8; 8]; 32];
     for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..n {
-            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = q as u8;
-            let (w, lf) = (weights[i], q as f32);
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        for k in 0..8 {
+            iscale[k] = (rmin + rdelta * is as f32 + nmaxf) / (max[k] - min[k]);
         }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
+        for i in 0..32 {
+            for k in 0..8 {
+                let q = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax);
+                laux[i][k] = q as u8;
+                let lf = q as f32;
+                sum_l[k] += w[i][k] * lf;
+                sum_l2[k] += w[i][k] * lf * lf;
+                sum_xl[k] += w[i][k] * lf * x[i][k];
             }
-            let mut cur_error = 0f32;
-            for i in 0..n {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                cur_error += weights[i] * (diff * diff);
+        }
+        let mut this_scale = [0f32; 8];
+        let mut this_min = [0f32; 8];
+        let mut ok = [false; 8];
+        for k in 0..8 {
+            let d = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k];
+            ok[k] = d > 0.0;
+            this_scale[k] = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d;
+            this_min[k] = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d;
+            if this_min[k] > 0.0 {
+                this_min[k] = 0.0;
+                this_scale[k] = sum_xl[k] / sum_l2[k];
             }
-            if cur_error < best_error {
-                l[..n].copy_from_slice(&laux[..n]);
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
+        }
+        let mut cur_error = [0f32; 8];
+        for i in 0..32 {
+            for k in 0..8 {
+                let diff = this_scale[k] * laux[i][k] as f32 + this_min[k] - x[i][k];
+                cur_error[k] += w[i][k] * (diff * diff);
+            }
+        }
+        for k in 0..8 {
+            if ok[k] && cur_error[k] < best_error[k] {
+                for i in 0..32 {
+                    l[i][k] = laux[i][k];
+                }
+                best_error[k] = cur_error[k];
+                scale[k] = this_scale[k];
+                min[k] = this_min[k];
             }
         }
     }
-    (scale, -min)
+    for k in 0..8 {
+        if flat[k] {
+            for row in l.iter_mut() {
+                row[k] = 0;
+            }
+            scale[k] = 0.0;
+        }
+    }
+    (scale, min.map(|m| -m))
 }
 
 /// `get_scale_min_k4`: the 6-bit scale and min of sub-block `j`.
+#[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -319,36 +380,42 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 /// The shared body of Q4_K and Q5_K: sub-block scales and mins packed to 6 bits, then every level
 /// recomputed against the packed values. Writes d, dmin and scales into `head` (16 bytes).
+#[inline(always)]
 fn k_quant_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8], l: &mut [u8; QK_K]) {
-    let (mut weights, mut laux) = ([0f32; 32], [0u8; 32]);
-    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    // The eight sub-blocks side by side (xs[i][j] = x[32 j + i]), one lane each: every lane runs
+    // make_qkx2_quants' operations in their C order, so the compiler may use SIMD across lanes.
+    let mut xs = [[0f32; 8]; 32];
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        for (i, &v) in sub.iter().enumerate() {
+            xs[i][j] = v;
+        }
+    }
+    let mut ws = [[0f32; 8]; 32];
+    let mut sum_x2 = [0f32; 8];
+    for row in &xs {
+        for k in 0..8 {
+            sum_x2[k] += row[k] * row[k];
+        }
+    }
+    for (wrow, row) in ws.iter_mut().zip(&xs) {
+        for k in 0..8 {
+            wrow[k] = (sum_x2[k] / 32.0).sqrt() + row[k].abs();
+        }
+    }
+    let mut levels = [[0u8; 8]; 32];
+    let (scales, mins) = make_qkx2_quants_x8(nmax, &xs, &ws, &mut levels, rmin, 0.1, nstep);
+    for (i, row) in levels.iter().enumerate() {
+        for j in 0..8 {
+            l[32 * j + i] = row[j];
+        }
+    }
     let (mut max_scale, mut max_min) = (0f32, 0f32);
     for j in 0..8 {
-        let xs = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0f32;
-        for &v in xs {
-            sum_x2 += v * v;
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for (w, &v) in weights.iter_mut().zip(xs) {
-            *w = av_x + v.abs();
-        }
-        let (s, m) = make_qkx2_quants(
-            nmax,
-            xs,
-            &weights,
-            &mut l[32 * j..32 * j + 32],
-            &mut laux,
-            rmin,
-            0.1,
-            nstep,
-        );
-        (scales[j], mins[j]) = (s, m);
-        if s > max_scale {
-            max_scale = s;
-        }
-        if m > max_min {
-            max_min = m;
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
@@ -382,6 +449,7 @@ fn k_quant_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8], 
     }
 }
 
+#[inline(always)]
 fn q4_k(x: &[f32], y: &mut [u8]) {
     let mut l = [0u8; QK_K];
     y[4..16].fill(0);
@@ -394,6 +462,7 @@ fn q4_k(x: &[f32], y: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 fn q5_k(x: &[f32], y: &mut [u8]) {
     let mut l = [0u8; QK_K];
     y[4..16].fill(0);
@@ -422,64 +491,94 @@ fn q5_k(x: &[f32], y: &mut [u8]) {
 
 const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// `make_qx_quants` with rmse_type 1 (weights x^2) and no importance weights.
-fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
-    let (amax, max) = {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in x {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
+/// `make_qx_quants` (rmse_type 1) for 16 sub-blocks at once, lane k holding sub-block k: the scalar
+/// version's f32 operations in their order, per lane.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn make_qx_quants_x16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> [f32; 16] {
+    let (mut amax, mut max) = ([0f32; 16], [0f32; 16]);
+    for row in x {
+        for k in 0..16 {
+            if row[k].abs() > amax[k] {
+                amax[k] = row[k].abs();
+                max[k] = row[k];
             }
         }
-        (amax, max)
-    };
-    if amax < GROUP_MAX_EPS {
-        l.fill(0);
-        return 0.0;
     }
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let sums = |iscale: f32| {
-        let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for &v in x {
-            let lf = level(iscale, v) as f32;
-            let w = v * v;
-            sumlx += w * v * lf;
-            suml2 += w * lf * lf;
-        }
-        (sumlx, suml2)
-    };
-    let iscale = (-nmax) as f32 / max;
-    for (q, &v) in l.iter_mut().zip(x) {
-        *q = (level(iscale, v) + nmax) as i8;
+    let mut iscale = [0f32; 16];
+    for k in 0..16 {
+        iscale[k] = (-nmax) as f32 / max[k];
     }
-    let (sumlx, suml2) = sums(iscale);
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
+    let (mut sumlx, mut suml2) = ([0f32; 16], [0f32; 16]);
+    for (i, row) in x.iter().enumerate() {
+        for k in 0..16 {
+            let q = level(iscale[k], row[k]);
+            l[i][k] = (q + nmax) as i8;
+            let (lf, w) = (q as f32, row[k] * row[k]);
+            sumlx[k] += w * row[k] * lf;
+            suml2[k] += w * lf * lf;
+        }
+    }
+    let (mut scale, mut best) = ([0f32; 16], [0f32; 16]);
+    for k in 0..16 {
+        scale[k] = if suml2[k] != 0.0 { sumlx[k] / suml2[k] } else { 0.0 };
+        best[k] = scale[k] * sumlx[k];
+    }
     for is in -9..=9 {
         if is == 0 {
             continue;
         }
-        let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
-        let (sumlx, suml2) = sums(iscale);
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for (q, &v) in l.iter_mut().zip(x) {
-                *q = (nmax + level(iscale, v)) as i8;
+        for k in 0..16 {
+            iscale[k] = -(nmax as f32 + 0.1 * is as f32) / max[k];
+        }
+        let (mut sumlx, mut suml2) = ([0f32; 16], [0f32; 16]);
+        for row in x {
+            for k in 0..16 {
+                let (lf, w) = (level(iscale[k], row[k]) as f32, row[k] * row[k]);
+                sumlx[k] += w * row[k] * lf;
+                suml2[k] += w * lf * lf;
             }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+        }
+        for k in 0..16 {
+            if suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k] {
+                for (i, row) in x.iter().enumerate() {
+                    l[i][k] = (nmax + level(iscale[k], row[k])) as i8;
+                }
+                scale[k] = sumlx[k] / suml2[k];
+                best[k] = scale[k] * sumlx[k];
+            }
+        }
+    }
+    for k in 0..16 {
+        if amax[k] < GROUP_MAX_EPS {
+            for row in l.iter_mut() {
+                row[k] = 0;
+            }
+            scale[k] = 0.0;
         }
     }
     scale
 }
 
+#[inline(always)]
 fn q6_k(x: &[f32], y: &mut [u8]) {
     let mut l = [0i8; QK_K];
-    let mut scales = [0f32; 16];
+    let mut xs = [[0f32; 16]; 16];
+    for (k, sub) in x.chunks_exact(16).enumerate() {
+        for (i, &v) in sub.iter().enumerate() {
+            xs[i][k] = v;
+        }
+    }
+    let mut levels = [[0i8; 16]; 16];
+    let scales = make_qx_quants_x16(32, &xs, &mut levels);
+    for (i, row) in levels.iter().enumerate() {
+        for k in 0..16 {
+            l[16 * k + i] = row[k];
+        }
+    }
     let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
-    for ib in 0..16 {
-        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        scales[ib] = s;
+    for &s in &scales {
         if s.abs() > max_abs_scale {
             max_abs_scale = s.abs();
             max_scale = s;
