@@ -9,6 +9,17 @@ pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) 
     matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
 }
 
+/// The transpose of a row-major `rows x cols` matrix, row-major.
+pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = x[r * cols + c];
+        }
+    }
+    out
+}
+
 /// Row-major blocks of `rows` rows placed side by side in a `rows x width` matrix; columns past the
 /// blocks stay zero. `blocks` holds (columns, values) pairs.
 pub fn hstack(blocks: &[(usize, &[f32])], rows: usize, width: usize) -> Vec<f32> {

@@ -2,7 +2,16 @@
 //! it: magic, version, tensor and key-value counts, the key-value section (built by the Python layer
 //! with the `gguf` package and passed through as bytes), tensor infos, then the data, every tensor
 //! starting at a multiple of 32 bytes and padded to one.
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::core::error::{Error, Result};
+use crate::core::staging::Staging;
+
 use super::quants::GgmlType;
+use super::GgufReport;
 
 pub const ALIGNMENT: u64 = 32;
 const MAGIC: u32 = 0x4655_4747; // "GGUF"
@@ -78,6 +87,72 @@ pub fn header(kv: &[u8], n_kv: u64, tensors: &[TensorInfo]) -> (Vec<u8>, Vec<u64
     out.resize(data_start as usize, 0);
     let offsets = relative.iter().map(|r| data_start + r).collect();
     (out, offsets, data_start + at)
+}
+
+/// A GGUF file being written: the staging file with its header in place and its size set; tensors' data
+/// go in at `offsets`, and `finish` renames it into place.
+pub struct GgufFile {
+    staging: Staging,
+    file: File,
+    path: PathBuf,
+    /// Absolute offset of each tensor's data, in the order of the infos given.
+    pub offsets: Vec<u64>,
+    total: u64,
+    types: Vec<(String, usize)>,
+    started: Instant,
+}
+
+impl GgufFile {
+    pub fn create(staging: Staging, kv: &[u8], n_kv: u64, tensors: &[TensorInfo], started: Instant) -> Result<Self> {
+        let (head, offsets, total) = header(kv, n_kv, tensors);
+        staging.check_space(total)?;
+        let path = staging.tmp.clone();
+        let file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.set_len(total).map_err(|e| Error::io(&path, e))?;
+        file.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
+        let mut types: Vec<(String, usize)> = Vec::new();
+        for t in tensors {
+            match types.iter_mut().find(|(n, _)| n == t.ty.name()) {
+                Some((_, c)) => *c += 1,
+                None => types.push((t.ty.name().to_string(), 1)),
+            }
+        }
+        Ok(GgufFile {
+            staging,
+            file,
+            path,
+            offsets,
+            total,
+            types,
+            started,
+        })
+    }
+
+    /// `bytes` at absolute offset `at`.
+    pub fn put(&self, at: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, at).map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Flush, rename into place, and report (with the staging sweep's notices before `warnings`).
+    pub fn finish(self, warnings: Vec<String>, nonfinite_values: u64) -> Result<GgufReport> {
+        self.file.sync_data().map_err(|e| Error::io(&self.path, e))?;
+        drop(self.file);
+        let mut all = self.staging.notices.clone();
+        all.extend(warnings);
+        let output = self.staging.commit()?;
+        Ok(GgufReport {
+            output,
+            tensors: self.offsets.len(),
+            types: self.types,
+            bytes_written: self.total,
+            seconds: self.started.elapsed().as_secs_f64(),
+            nonfinite_values,
+            warnings: all,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -2,21 +2,21 @@
 //! `convert_lora_to_gguf.py` writes it: each module's A and B under the base tensor's GGUF name plus
 //! `.lora_a` / `.lora_b`, B's rows permuted like the base weight's (Llama q/k), the embedding's A
 //! transposed; in the adapter file's order.
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use crate::core::checkpoint::Checkpoint;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
+use crate::core::linalg;
 use crate::core::peft::Adapter;
 use crate::core::staging::Staging;
 
 use super::arch::{self, Heads, Transform};
-use super::file::{self, TensorInfo};
+use super::file::GgufFile;
+use super::file::TensorInfo;
 use super::types::{converter_type, FileType};
-use super::{type_counts, GgufReport};
+use super::GgufReport;
 
 /// One tensor of the adapter file.
 #[derive(Debug, Clone)]
@@ -197,16 +197,8 @@ pub fn write(
     let adapter = Adapter::open(adapter)?;
     let lplan = plan_all(&adapter, &Checkpoint::open(base)?, outtype)?;
     let infos: Vec<TensorInfo> = lplan.tensors.iter().map(|t| t.info.clone()).collect();
-    let (head, offsets, total) = file::header(kv, n_kv, &infos);
-    staging.check_space(total)?;
-    let path: PathBuf = staging.tmp.clone();
-    let f = File::options()
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    f.set_len(total).map_err(|e| Error::io(&path, e))?;
-    f.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
-    for (t, offset) in lplan.tensors.iter().zip(offsets) {
+    let out = GgufFile::create(staging, kv, n_kv, &infos, started)?;
+    for (t, &offset) in lplan.tensors.iter().zip(&out.offsets) {
         let entry = adapter.file.get(&t.key).expect("planned");
         let src = FloatType::from_safetensors(entry.dtype).ok_or_else(|| {
             Error::adapter(
@@ -229,15 +221,7 @@ pub fn write(
         };
         let values = match t.transform {
             Transform::None => values,
-            Transform::Transpose => {
-                let mut tr = vec![0f32; values.len()];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        tr[c * rows + r] = values[r * cols + c];
-                    }
-                }
-                tr
-            }
+            Transform::Transpose => linalg::transpose(&values, rows, cols),
             Transform::Permute { heads } => {
                 let mut p = vec![0f32; values.len()];
                 for r in 0..rows {
@@ -251,19 +235,7 @@ pub fn write(
         let ty = t.info.ty;
         let mut bytes = vec![0u8; ty.row_bytes(row_len) * (values.len() / row_len)];
         ty.encode_row(&values, &mut bytes);
-        f.write_all_at(&bytes, offset).map_err(|e| Error::io(&path, e))?;
+        out.put(offset, &bytes)?;
     }
-    f.sync_data().map_err(|e| Error::io(&path, e))?;
-    drop(f);
-    let warnings = staging.notices.clone();
-    let output = staging.commit()?;
-    Ok(GgufReport {
-        output,
-        tensors: lplan.tensors.len(),
-        types: type_counts(lplan.tensors.iter().map(|t| &t.info)),
-        bytes_written: total,
-        seconds: started.elapsed().as_secs_f64(),
-        nonfinite_values: 0,
-        warnings,
-    })
+    out.finish(vec![], 0)
 }

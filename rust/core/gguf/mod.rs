@@ -17,8 +17,6 @@ pub mod quants;
 pub mod types;
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -26,6 +24,7 @@ use std::time::Instant;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
 use crate::core::io::{SafetensorsFile, TensorEntry};
+use crate::core::linalg;
 use crate::core::merge::plan;
 use crate::core::merge::sink::Dest;
 use crate::core::merge::source::Base;
@@ -36,7 +35,7 @@ use crate::core::progress::Progress;
 use crate::core::staging::Staging;
 
 use arch::{Arch, Heads, Transform};
-use file::TensorInfo;
+use file::{GgufFile, TensorInfo};
 use quants::GgmlType;
 pub use types::FileType;
 
@@ -274,18 +273,9 @@ pub fn write(
     let adapters: Vec<Adapter> = adapters.iter().map(|p| Adapter::open(p)).collect::<Result<_>>()?;
     let (gplan, merge_plan) = plan_all(&base, &adapters, opts)?;
     let infos: Vec<TensorInfo> = gplan.tensors.iter().map(|t| t.info.clone()).collect();
-    let (head, offsets, total) = file::header(kv, n_kv, &infos);
-    staging.check_space(total)?;
-    let path = staging.tmp.clone();
-    let f = File::options()
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    f.set_len(total).map_err(|e| Error::io(&path, e))?;
-    f.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
+    let out = GgufFile::create(staging, kv, n_kv, &infos, started)?;
     let dest = GgufDest {
-        file: &f,
-        path: &path,
+        out: &out,
         by_name: gplan
             .tensors
             .iter()
@@ -293,7 +283,6 @@ pub fn write(
             .map(|(i, t)| (t.hf_name.clone(), i))
             .collect(),
         tensors: &gplan.tensors,
-        offsets: &offsets,
         held: Mutex::new(HashMap::new()),
     };
     let planned = layout::planned(&base, &adapters, &merge_plan.jobs);
@@ -313,32 +302,7 @@ pub fn write(
         progress,
         &dest,
     )?;
-    f.sync_data().map_err(|e| Error::io(&path, e))?;
-    drop(f);
-    let mut warnings = staging.notices.clone();
-    warnings.extend(merge_plan.warnings);
-    let output = staging.commit()?;
-    Ok(GgufReport {
-        output,
-        tensors: gplan.tensors.len(),
-        types: type_counts(gplan.tensors.iter().map(|t| &t.info)),
-        bytes_written: total,
-        seconds: started.elapsed().as_secs_f64(),
-        nonfinite_values: nonfinite,
-        warnings,
-    })
-}
-
-/// Tensors per ggml type name, in order of first use.
-pub(crate) fn type_counts<'a>(infos: impl Iterator<Item = &'a TensorInfo>) -> Vec<(String, usize)> {
-    let mut types: Vec<(String, usize)> = Vec::new();
-    for t in infos {
-        match types.iter_mut().find(|(n, _)| n == t.ty.name()) {
-            Some((_, c)) => *c += 1,
-            None => types.push((t.ty.name().to_string(), 1)),
-        }
-    }
-    types
+    out.finish(merge_plan.warnings, nonfinite)
 }
 
 /// Whether `bytes` in `src` encode to the same bytes in GGUF type `ty`: an f32 or f16 tensor kept in its
@@ -355,18 +319,16 @@ fn same_encoding(src: FloatType, ty: GgmlType, bytes: &[u8]) -> bool {
 
 /// Receives the merged model's tensors, tile by tile in its float encoding, and writes their GGUF form.
 struct GgufDest<'a> {
-    file: &'a File,
-    path: &'a Path,
+    out: &'a GgufFile,
     by_name: HashMap<String, usize>,
     tensors: &'a [GgufTensor],
-    offsets: &'a [u64],
     /// Transposed tensors are gathered whole before their rows exist: tensor -> (values, filled).
     held: Mutex<HashMap<usize, (Vec<f32>, usize)>>,
 }
 
 impl GgufDest<'_> {
     fn put(&self, at: u64, bytes: &[u8]) -> Result<()> {
-        self.file.write_all_at(bytes, at).map_err(|e| Error::io(self.path, e))
+        self.out.put(at, bytes)
     }
 
     /// Values `[start, start + values.len())` of tensor `i` in the merged model's order.
@@ -383,7 +345,7 @@ impl GgufDest<'_> {
             _ => {}
         }
         let ty = t.info.ty;
-        let offset = self.offsets[i];
+        let offset = self.out.offsets[i];
         match t.transform {
             Transform::None => {
                 let cols = t.cols;
@@ -415,14 +377,8 @@ impl GgufDest<'_> {
                     }
                     held.remove(&i).expect("present").0
                 };
-                let (rows, cols) = (t.rows, t.cols);
-                let mut tr = vec![0f32; numel];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        tr[c * rows + r] = whole[r * cols + c];
-                    }
-                }
-                let mut out = vec![0u8; ty.row_bytes(rows) * cols];
+                let tr = linalg::transpose(&whole, t.rows, t.cols);
+                let mut out = vec![0u8; ty.row_bytes(t.rows) * t.cols];
                 ty.encode_row(&tr, &mut out);
                 self.put(offset, &out)
             }
@@ -439,7 +395,7 @@ impl Dest for GgufDest<'_> {
         let src = t.source;
         if t.transform == Transform::None && same_encoding(src, t.info.ty, bytes) {
             // The converter's output holds these bytes unchanged: write them as they are.
-            return self.put(self.offsets[i] + at, bytes);
+            return self.put(self.out.offsets[i] + at, bytes);
         }
         let mut values = vec![0f32; bytes.len() / src.size()];
         src.decode(bytes, &mut values);

@@ -7,7 +7,7 @@ use faer::MatRef;
 
 use crate::core::dtype::{simd, FloatType};
 use crate::core::error::{Error, Result};
-use crate::core::linalg::{hstack, matmul_into};
+use crate::core::linalg::{hstack, matmul_into, transpose};
 use crate::core::peft::Adapter;
 use crate::core::progress::Progress;
 use crate::core::quant::quantize_run;
@@ -488,16 +488,6 @@ impl QuantizedBase {
 
 fn blocks(len: usize, bs: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     (0..len).step_by(bs).map(move |s| s..(s + bs).min(len))
-}
-
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = x[r * cols + c];
-        }
-    }
-    out
 }
 
 fn gcd(a: usize, b: usize) -> usize {
