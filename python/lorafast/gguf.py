@@ -210,12 +210,34 @@ def _vocab_base(model_dir: Path, hparams: dict[str, Any]) -> tuple[list[str], li
     return tokens, types, pre
 
 
+def _write_vocab(
+    w: Any,
+    model_dir: Path,
+    model: str,
+    pre: str,
+    tokens: Sequence[Any],
+    types: Sequence[int],
+    scores: Optional[Sequence[float]] = None,
+    merges: bool = False,
+) -> None:
+    """The tokenizer keys every converter vocabulary path writes, in its order, then the special tokens
+    (with BPE merges for byte-level BPE, where the converter does not bound ids by the vocabulary)."""
+    from lorafast._gguf_vocab import SpecialVocab
+
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    if scores is not None:
+        w.add_token_scores(scores)
+    w.add_token_types(types)
+    special = SpecialVocab(model_dir, load_merges=True) if merges else SpecialVocab(model_dir, n_vocab=len(tokens))
+    special.add_to_gguf(w, quiet=True)
+
+
 def _vocab_sentencepiece(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
     """`_set_vocab_sentencepiece`: tokenizer.model, added tokens, scores."""
     import gguf
     from sentencepiece import SentencePieceProcessor
-
-    from lorafast._gguf_vocab import SpecialVocab
 
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(model_dir / "tokenizer.model"))
@@ -255,31 +277,19 @@ def _vocab_sentencepiece(w: Any, model_dir: Path, hparams: dict[str, Any]) -> No
                 token = token.replace("\u2581", " ")
                 types[i] = gguf.TokenType.USER_DEFINED
             scores[i], tokens[i] = -1000.0, token.encode("utf-8")
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    _write_vocab(w, model_dir, "llama", "default", tokens, types, scores=scores)
 
 
 def _vocab_gpt2(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
     """`_set_vocab_gpt2`: byte-level BPE from tokenizer.json."""
-    from lorafast._gguf_vocab import SpecialVocab
 
     tokens, types, pre = _vocab_base(model_dir, hparams)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    SpecialVocab(model_dir, load_merges=True).add_to_gguf(w, quiet=True)
+    _write_vocab(w, model_dir, "gpt2", pre, tokens, types, merges=True)
 
 
 def _vocab_bert(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
     """`BertModel.set_vocab`: WordPiece written with llama.cpp's phantom spaces."""
     import gguf
-
-    from lorafast._gguf_vocab import SpecialVocab
 
     tokens, types, pre = _vocab_base(model_dir, hparams)
     w.add_token_type_count(hparams.get("type_vocab_size", 1))
@@ -287,11 +297,7 @@ def _vocab_bert(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
         t if ty == gguf.TokenType.CONTROL else t[2:] if t.startswith("##") else "\u2581" + t
         for t, ty in zip(tokens, types)
     ]
-    w.add_tokenizer_model("bert")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    _write_vocab(w, model_dir, "bert", pre, tokens, types)
 
 
 def _llama_vocab(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
