@@ -22,18 +22,21 @@ mkdir -p "$CACHE"
 # cmake from PyPI (a binary wheel), so a fresh machine needs only a C/C++ compiler.
 "$PY" -m pip install -q "cmake>=3.24"
 if [ ! -d "$SRC/vendor/llama.cpp" ]; then
-    # The sdist itself, checked against PyPI's digest (pip download would build its build backend from
-    # source just to read the metadata).
+    # The sdist itself, checked against the digest in PyPI's simple index (what pip reads; pip download
+    # would build its build backend from source just to read the metadata).
     "$PY" - "$CACHE" "$VERSION" <<'EOF'
-import hashlib, json, sys, tarfile, urllib.request, urllib.parse
+import hashlib, re, sys, tarfile, urllib.request, urllib.parse
 cache, version = sys.argv[1], sys.argv[2]
-meta_url = f"https://pypi.org/pypi/llama-cpp-python/{version}/json"
-meta = json.load(urllib.request.urlopen(meta_url, timeout=120))
-sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
-url = urllib.parse.urljoin(meta_url, sdist["url"])
-path = f"{cache}/{sdist['filename']}"
+index = "https://pypi.org/simple/llama-cpp-python/"
+page = urllib.request.urlopen(index, timeout=120).read().decode()
+name = f"llama_cpp_python-{version}.tar.gz"
+m = re.search(r'href="([^"#]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', page)
+if m is None:
+    sys.exit(f"{index}: no {name}")
+url, digest = urllib.parse.urljoin(index, m.group(1)), m.group(2)
+path = f"{cache}/{name}"
 data = urllib.request.urlopen(url, timeout=600).read()
-if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
+if hashlib.sha256(data).hexdigest() != digest:
     sys.exit(f"{url}: sha256 does not match PyPI's")
 open(path, "wb").write(data)
 with tarfile.open(path) as t:
