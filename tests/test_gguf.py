@@ -108,6 +108,72 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+# Every key the metadata reads from the config dict.
+READ_KEYS = [
+    *("n_layers", "num_hidden_layers", "n_layer", "num_layers", "max_position_embeddings", "n_ctx"),
+    *("n_positions", "max_length", "max_sequence_length", "model_max_length", "hidden_size", "n_embd", "dim"),
+    *("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner"),
+    *("hidden_dim", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "n_kv_heads"),
+    *("is_causal", "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"),
+    *("head_dim", "classifier_pooling", "vocab_size", "vocab_size_per_layer_input", "type_vocab_size"),
+    *("id2label", "_rope"),
+]
+CONFIGS = [
+    {"model_type": "llama"},
+    {"model_type": "mistral"},
+    {"model_type": "qwen2"},
+    {"model_type": "bert"},
+    {"model_type": "bert", "hidden_size": 384, "num_attention_heads": 12, "id2label": {"0": "neg", "1": "pos"}},
+    {"model_type": "bert", "num_labels": 3, "layer_norm_eps": 1e-5},
+    {"model_type": "llama", "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": None},
+    {"model_type": "llama", "head_dim": 96, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "vocab_size": 49152},
+    {"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 1e6},
+    {"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "max_position_embeddings": 8192},
+    {
+        "model_type": "llama",
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+        "original_max_position_embeddings": 4096,
+    },
+    {
+        "model_type": "llama",
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+    },
+    {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 250000.0}},
+    {"model_type": "mistral", "head_dim": None, "sliding_window": None, "max_position_embeddings": 32768},
+    {"model_type": "qwen2", "num_key_value_heads": None, "use_sliding_window": True, "rope_theta": 1e6},
+    {"model_type": "qwen2", "partial_rotary_factor": 0.5, "num_hidden_layers": 3},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}" for k in c))
+def test_config_defaults_match_transformers(tmp_path, config):
+    """The hyperparameters read without transformers (its class defaults, derived head_dim and kv heads,
+    rope keys gathered) equal those of `AutoConfig.to_dict()`, which the converter reads."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    light = lgguf._config_dict_light(json.loads(json.dumps(config)))
+    assert light is not None
+    theirs = lgguf._normalized(lgguf._config_dict_transformers(tmp_path))
+    ours = lgguf._normalized(light)
+    for key in READ_KEYS:
+        assert (key in ours, ours.get(key)) == (key in theirs, theirs.get(key)), key
+
+
+def test_configs_the_defaults_do_not_cover_go_to_transformers():
+    assert lgguf._config_dict_light({"model_type": "gemma"}) is None
+    assert lgguf._config_dict_light({"model_type": "llama", "rope_scaling": {"rope_type": "longrope"}}) is None
+    assert lgguf._config_dict_light({"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3}) is None
+    assert lgguf._config_dict_light({"model_type": "llava", "text_config": {"model_type": "llama"}}) is None
+
+
 def with_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> Path:
     """A sentencepiece tokenizer.model trained here on generated text (Llama's tokenizer format)."""
     import numpy as np
@@ -135,11 +201,25 @@ def with_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> Path:
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# Llama 3's rope scaling: the converter adds rope_freqs.weight (one factor per rotary frequency).
+LLAMA3_ROPE = dict(
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3"])
 def test_merged_model_is_byte_identical_to_llama_cpp(llama_cpp_dir, tmp_path, arch):
     """Adapters merged on the fly give the file llama.cpp's tools make from the merged checkpoint: Llama
-    (q/k rows permuted, untied output) and Qwen2 (q/k/v biases, tied embeddings), K-quant sized rows."""
+    (q/k rows permuted, untied output), Qwen2 (q/k/v biases, tied embeddings), Llama 3 (rope_freqs),
+    K-quant sized rows."""
     import torch
     import transformers
     from conftest import save_adapter, save_model, tiny_llama_config, tiny_qwen2_config
@@ -147,13 +227,17 @@ def test_merged_model_is_byte_identical_to_llama_cpp(llama_cpp_dir, tmp_path, ar
     import lorafast
 
     shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    cfg = tiny_llama_config(**shape) if arch == "llama" else tiny_qwen2_config(**shape)
+    if arch == "qwen2":
+        cfg = tiny_qwen2_config(**shape)
+    else:
+        cfg = tiny_llama_config(**shape, **(LLAMA3_ROPE if arch == "llama3" else {}))
     auto = transformers.AutoModelForCausalLM
-    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen2ForCausalLM
+    cls = transformers.Qwen2ForCausalLM if arch == "qwen2" else transformers.LlamaForCausalLM
     base = with_sentencepiece_tokenizer(save_model(cls, cfg, tmp_path / "a" / "model", torch.bfloat16), 256)
     adapter = save_adapter(auto, base, tmp_path / "adapter", target_modules=LINEARS, r=4, lora_alpha=8)
     merged = lorafast.merge(base, [adapter], tmp_path / "b" / "model", progress=False).output
-    for file_type in CONVERTER_TYPES + list(MIXES):
+    types = ["f32", "bf16", "q8_0", "q4_k_m"] if arch == "llama3" else CONVERTER_TYPES + list(MIXES)
+    for file_type in types:
         outtype = file_type if file_type in CONVERTER_TYPES else "bf16"
         theirs = convert(llama_cpp_dir, merged, outtype, tmp_path / "theirs.gguf", name="tiny")
         if file_type in MIXES:

@@ -57,6 +57,11 @@ def cases(rng: np.random.Generator):
     yield "heavy tails", heavy
     ties = (np.round(rng.standard_normal((rows, cols)) * 8) / 8).astype(np.float32)
     yield "grid values", ties
+    # Three blocks a row: the K-quants search two blocks side by side, then one alone.
+    odd = (rng.standard_normal((15, 768)) * 0.1).astype(np.float32)
+    odd[::3, 256:512] = 0
+    odd[1::3, 512:] = np.float32(-0.5)
+    yield "three blocks a row", odd
 
 
 @pytest.mark.parametrize("type_name", list(GGML_TYPES))

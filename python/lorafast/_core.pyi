@@ -248,6 +248,7 @@ def gguf_plan(
     *,
     file_type: str,
     weights: Optional[Sequence[float]] = None,
+    extra: Sequence[tuple[str, Sequence[float]]] = ...,
 ) -> tuple[str, str, str, list[tuple[str, list[int], str]]]: ...
 def gguf_write(
     base: _Path,
@@ -261,6 +262,7 @@ def gguf_write(
     threads: Optional[int] = None,
     overwrite: bool = False,
     safe_merge: bool = False,
+    extra: Sequence[tuple[str, Sequence[float]]] = ...,
     progress: Optional[Callable[[str, int], Any]] = None,
 ) -> GgufReport: ...
 def gguf_encode_rows(values: npt.NDArray[np.float32], row_len: int, ggml_type: str) -> bytes: ...

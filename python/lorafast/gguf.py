@@ -30,15 +30,122 @@ FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_k_m": 15
 QUANT_VERSION = 2  # GGML_QUANT_VERSION
 
 
-def _hparams(model_dir: Path) -> dict[str, Any]:
-    """What the converter reads: transformers' config with its class defaults (`AutoConfig.to_dict()`),
-    text_config merged in, rope parameters normalized (`ModelBase.load_hparams` and `TextModel.__init__`)."""
+# transformers' class defaults (its 5.x config dataclasses) for the keys the metadata reads, per
+# model_type: enough to rebuild `AutoConfig.to_dict()` for these keys without importing transformers,
+# which brings torch (seconds and hundreds of MB). tests/test_gguf.py checks them against AutoConfig.
+_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": None,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "head_dim": None,
+    },
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "head_dim": None,
+    },
+    "qwen2": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+    },
+    "bert": {
+        "vocab_size": 30522,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+    },
+}
+_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def _config_dict_light(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """`AutoConfig.from_pretrained(...).to_dict()` for the keys the metadata reads, rebuilt from
+    config.json as transformers' config classes fill it in (defaults, head_dim and kv heads derived,
+    rope keys gathered into `rope_parameters`); None for anything else, which goes to transformers."""
+    defaults = _CONFIG_DEFAULTS.get(config.get("model_type", ""))
+    if defaults is None or "text_config" in config:
+        return None
+    hp = {**config, **{k: v for k, v in defaults.items() if k not in config}}
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
+        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
+            return None  # transformers' validation decides
+    if hp["hidden_size"] % hp["num_attention_heads"] != 0:
+        return None
+    if "id2label" in config:
+        hp["id2label"] = {int(k): v for k, v in config["id2label"].items()}
+    else:
+        hp["id2label"] = {i: f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
+    if config["model_type"] == "bert":
+        return hp
+    if "head_dim" in defaults and hp["head_dim"] is None:
+        hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
+    if hp["num_key_value_heads"] is None:
+        hp["num_key_value_heads"] = hp["num_attention_heads"]
+    # RotaryEmbeddingConfigMixin.convert_rope_params_to_dict + standardize_rope_params (flat case).
+    rope = hp.pop("rope_scaling", None) or hp.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        return None
+    rope = dict(rope)
+    rope.setdefault("rope_theta", hp.pop("rope_theta", 10000.0))
+    if "partial_rotary_factor" in hp:
+        rope.setdefault("partial_rotary_factor", hp.pop("partial_rotary_factor"))
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] not in _ROPE_TYPES or any(isinstance(v, dict) for v in rope.values()):
+        return None
+    if rope["rope_type"] in ("llama3", "yarn"):
+        # (a top-level original_max_position_embeddings is not yet an attribute when this runs)
+        rope.setdefault("original_max_position_embeddings", hp["max_position_embeddings"])
+    hp["rope_parameters"] = rope
+    return hp
+
+
+def _config_dict_transformers(model_dir: Path) -> dict[str, Any]:
+    """What the converter reads (`ModelBase.load_hparams`): transformers' config with its class defaults,
+    or config.json as it is when transformers cannot load it."""
     try:
         from transformers import AutoConfig
 
-        hparams = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
     except Exception:
-        hparams = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def _hparams(model_dir: Path) -> dict[str, Any]:
+    """The converter's hyperparameters: the config dict (`ModelBase.load_hparams`), text_config merged in,
+    rope parameters normalized (`TextModel.__init__`)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        config = None
+    hparams = _config_dict_light(config) if isinstance(config, dict) else None
+    if hparams is None:
+        hparams = _config_dict_transformers(model_dir)
+    return _normalized(hparams)
+
+
+def _normalized(hparams: dict[str, Any]) -> dict[str, Any]:
     if "text_config" in hparams:
         hparams = {**hparams, **hparams["text_config"]}
     rope = hparams.get("rope_parameters", hparams.get("rope_scaling")) or {}
@@ -331,12 +438,6 @@ def metadata(
     total = sum(math.prod(shape) for _, shape, _ in tensors)
     _general(w, model_dir, name, total)
     hparams = _hparams(model_dir)
-    if str(hparams["_rope"].get("rope_type", "")).lower() == "llama3":
-        from lorafast.errors import UnsupportedError
-
-        raise UnsupportedError(
-            f"{model_dir}: Llama 3 rope scaling needs the rope_freqs tensor, which lorafast gguf does not write yet"
-        )
     converter_type = FILE_TYPES[outtype]
     if arch == "gpt2":
         w.add_block_count(hparams["n_layer"])
@@ -407,6 +508,11 @@ def to_gguf(
     base_dir = Path(resolve_model_path(base))
     adapter_dirs = [Path(resolve_model_path(a)) for a in adapters]
     arch, _, outtype, tensors = _core.gguf_plan(base_dir, adapter_dirs, file_type=file_type, weights=weights)
+    extra = _extra_tensors(arch, _hparams(base_dir))
+    if extra:
+        _, _, outtype, tensors = _core.gguf_plan(
+            base_dir, adapter_dirs, file_type=file_type, weights=weights, extra=extra
+        )
     kv, n_kv = metadata(base_dir, arch, file_type, outtype, tensors, name)
     return run_with_bar(
         "gguf",
@@ -422,9 +528,43 @@ def to_gguf(
             threads=threads,
             overwrite=overwrite,
             safe_merge=safe_merge,
+            extra=extra,
             progress=cb,
         ),
     )
+
+
+def _extra_tensors(arch: str, hparams: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """`LlamaModel.generate_extra_tensors`: Llama 3's rope scaling as one factor per rotary frequency
+    (rope_freqs.weight). Computed with torch as the converter computes it, since its float32 pow and
+    reciprocals are the file's bytes; torch is imported for these models only."""
+    rope = hparams["_rope"]
+    rope = rope.get("full_attention", rope) or {}
+    if arch != "llama" or str(rope.get("rope_type", "")).lower() != "llama3":
+        return []
+    import torch
+
+    base = rope.get("rope_theta", 10000.0)
+    if (dim := hparams.get("head_dim")) is None:
+        dim = hparams["hidden_size"] // hparams["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = rope.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors: list[Any] = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", torch.tensor(rope_factors, dtype=torch.float32).tolist())]
 
 
 def lora_metadata(

@@ -28,6 +28,7 @@ fn options(
     threads: Option<usize>,
     overwrite: bool,
     safe_merge: bool,
+    extra: Vec<(String, Vec<f32>)>,
 ) -> PyResult<GgufOptions> {
     Ok(GgufOptions {
         file_type: file_type(file)?,
@@ -39,13 +40,14 @@ fn options(
             torch_threads: 1,
             ..Default::default()
         },
+        extra,
     })
 }
 
 /// The file `gguf_write` would write: (architecture, HF architecture, the converter outtype the tensors
 /// start from, [(name, numpy shape, ggml type name)] in file order).
 #[pyfunction]
-#[pyo3(signature = (base, adapters, *, file_type, weights=None))]
+#[pyo3(signature = (base, adapters, *, file_type, weights=None, extra=Vec::new()))]
 #[allow(clippy::type_complexity)]
 pub fn gguf_plan(
     py: Python<'_>,
@@ -53,8 +55,9 @@ pub fn gguf_plan(
     adapters: Vec<PathBuf>,
     file_type: &str,
     weights: Option<Vec<f32>>,
+    extra: Vec<(String, Vec<f32>)>,
 ) -> PyResult<(String, String, String, Vec<(String, Vec<usize>, String)>)> {
-    let opts = options(file_type, weights, None, false, false)?;
+    let opts = options(file_type, weights, None, false, false, extra)?;
     let plan = py.detach(|| gguf::plan(&base, &adapters, &opts)).map_err(to_py)?;
     let outtype = format!("{:?}", plan.outtype).to_lowercase();
     Ok((
@@ -70,7 +73,7 @@ pub fn gguf_plan(
 
 /// Merge `adapters` into `base` and write GGUF `out` with the GGUF-encoded key-value section `kv`.
 #[pyfunction]
-#[pyo3(signature = (base, adapters, out, kv, n_kv, *, file_type, weights=None, threads=None, overwrite=false, safe_merge=false, progress=None))]
+#[pyo3(signature = (base, adapters, out, kv, n_kv, *, file_type, weights=None, threads=None, overwrite=false, safe_merge=false, extra=Vec::new(), progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn gguf_write(
     py: Python<'_>,
@@ -84,9 +87,10 @@ pub fn gguf_write(
     threads: Option<usize>,
     overwrite: bool,
     safe_merge: bool,
+    extra: Vec<(String, Vec<f32>)>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<GgufReport> {
-    let opts = options(file_type, weights, threads, overwrite, safe_merge)?;
+    let opts = options(file_type, weights, threads, overwrite, safe_merge, extra)?;
     let r = run_detached(py, PyProgress::new(progress), |p| {
         gguf::write(&base, &adapters, &out, &kv, n_kv, &opts, p)
     })?;

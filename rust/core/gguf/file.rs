@@ -136,9 +136,10 @@ impl GgufFile {
         self.file.write_all_at(bytes, at).map_err(|e| Error::io(&self.path, e))
     }
 
-    /// Flush, rename into place, and report (with the staging sweep's notices before `warnings`).
+    /// Close, rename into place, and report (with the staging sweep's notices before `warnings`).
     pub fn finish(self, warnings: Vec<String>, nonfinite_values: u64) -> Result<GgufReport> {
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))?;
+        // No fsync, as the merge engine's outputs: the rename publishes a complete file to readers, and
+        // the page cache writes it back (an fsync here cost about 1.3 s of a 2.2 GB file).
         drop(self.file);
         let mut all = self.staging.notices.clone();
         all.extend(warnings);

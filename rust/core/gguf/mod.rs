@@ -44,6 +44,9 @@ pub struct GgufOptions {
     pub file_type: FileType,
     /// Adapter weights, threads, overwrite, safe merge (the output dtype and mode are GGUF's).
     pub merge: MergeOptions,
+    /// Vectors the converter computes rather than reads (Llama 3's `rope_freqs.weight`), as (GGUF name,
+    /// f32 values): written first, as the converter's `generate_extra_tensors` yields them.
+    pub extra: Vec<(String, Vec<f32>)>,
 }
 
 /// One tensor of the GGUF file, and where its values come from.
@@ -135,7 +138,24 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
     order.sort_by(|&a, &b| {
         (shard_name(a), &merge_plan.jobs[a].out_name).cmp(&(shard_name(b), &merge_plan.jobs[b].out_name))
     });
-    let mut tensors = Vec::new();
+    let mut tensors: Vec<GgufTensor> = opts
+        .extra
+        .iter()
+        .map(|(name, values)| GgufTensor {
+            info: TensorInfo {
+                name: name.clone(),
+                shape: vec![values.len()],
+                ty: GgmlType::F32,
+                trim_dims: false,
+            },
+            hf_name: String::new(), // no merge job writes it
+            source: FloatType::F32,
+            converted: GgmlType::F32,
+            transform: Transform::None,
+            rows: 1,
+            cols: values.len(),
+        })
+        .collect();
     for i in order {
         let job = &merge_plan.jobs[i];
         let Some((gguf_name, transform)) = arch::map_tensor(arch, prefix_model, heads, &job.out_name)
@@ -280,11 +300,23 @@ pub fn write(
             .tensors
             .iter()
             .enumerate()
+            .filter(|(_, t)| !t.hf_name.is_empty())
             .map(|(i, t)| (t.hf_name.clone(), i))
             .collect(),
         tensors: &gplan.tensors,
         held: Mutex::new(HashMap::new()),
+        held_heads: Mutex::new(HashMap::new()),
     };
+    for (name, values) in &opts.extra {
+        let i = gplan
+            .tensors
+            .iter()
+            .position(|t| &t.info.name == name)
+            .expect("planned");
+        let mut bytes = vec![0u8; gplan.tensors[i].info.nbytes() as usize];
+        gplan.tensors[i].info.ty.encode_row(values, &mut bytes);
+        out.put(out.offsets[i], &bytes)?;
+    }
     let planned = layout::planned(&base, &adapters, &merge_plan.jobs);
     progress.start(planned.iter().flatten().map(|(t, _)| t.byte_len() as u64).sum());
     let pool = pool::build(opts.merge.threads)?;
@@ -324,7 +356,12 @@ struct GgufDest<'a> {
     tensors: &'a [GgufTensor],
     /// Transposed tensors are gathered whole before their rows exist: tensor -> (values, filled).
     held: Mutex<HashMap<usize, (Vec<f32>, usize)>>,
+    /// Heads of permuted tensors split across tiles: (tensor, head) -> (encoded rows, rows filled).
+    held_heads: Mutex<HashMap<(usize, usize), HeldHead>>,
 }
+
+/// A head's encoded rows, and how many of them are filled.
+type HeldHead = (Vec<u8>, usize);
 
 impl GgufDest<'_> {
     fn put(&self, at: u64, bytes: &[u8]) -> Result<()> {
@@ -354,14 +391,43 @@ impl GgufDest<'_> {
                 self.put(offset + (start / cols * ty.row_bytes(cols)) as u64, &out)
             }
             Transform::Permute { heads } => {
-                // A matrix permutes rows; a bias (one row) permutes its elements.
+                // A matrix permutes rows; a bias (one row) permutes its elements. Rows stay within their
+                // head, so each head is encoded into one buffer and written at once (a head split across
+                // tiles waits in `held_heads` for its other rows).
                 let (n, width) = if t.rows == 1 { (t.cols, 1) } else { (t.rows, t.cols) };
                 let row_bytes = ty.row_bytes(width);
-                let mut out = vec![0u8; row_bytes];
-                for (k, row) in values.chunks_exact(width).enumerate() {
-                    ty.encode_row(row, &mut out);
-                    let dst = arch::permuted_row(start / width + k, n, heads);
-                    self.put(offset + (dst * row_bytes) as u64, &out)?;
+                let hd = n / heads;
+                let (r0, r1) = (start / width, start / width + values.len() / width);
+                for h in r0 / hd..r1.div_ceil(hd) {
+                    let (a, b) = (r0.max(h * hd), r1.min((h + 1) * hd));
+                    let mut fresh = Vec::new();
+                    let mut held = None;
+                    let buf = if b - a == hd {
+                        fresh.resize(hd * row_bytes, 0);
+                        &mut fresh
+                    } else {
+                        held = Some(self.held_heads.lock().expect("never poisoned"));
+                        let map = held.as_mut().expect("just set");
+                        &mut map.entry((i, h)).or_insert_with(|| (vec![0u8; hd * row_bytes], 0)).0
+                    };
+                    for r in a..b {
+                        let dst = arch::permuted_row(r, n, heads) - h * hd;
+                        let row = &values[(r - r0) * width..(r - r0 + 1) * width];
+                        ty.encode_row(row, &mut buf[dst * row_bytes..(dst + 1) * row_bytes]);
+                    }
+                    let whole = match held.as_mut() {
+                        None => fresh,
+                        Some(map) => {
+                            let entry = map.get_mut(&(i, h)).expect("present");
+                            entry.1 += b - a;
+                            if entry.1 < hd {
+                                continue;
+                            }
+                            map.remove(&(i, h)).expect("present").0
+                        }
+                    };
+                    drop(held);
+                    self.put(offset + (h * hd * row_bytes) as u64, &whole)?;
                 }
                 Ok(())
             }
@@ -428,6 +494,64 @@ impl Dest for GgufDest<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A permuted tensor written in tiles that split heads, in any order, gives the bytes of one
+    /// whole-tensor tile.
+    #[test]
+    fn permuted_heads_split_across_tiles_are_written_whole() {
+        let (rows, cols, heads) = (24, 4, 3); // head_dim 8
+        let values: Vec<f32> = (0..rows * cols).map(|v| v as f32 * 0.25 - 7.0).collect();
+        let write = |tiles: &[(usize, usize)]| -> Vec<u8> {
+            let dir = tempfile::tempdir().unwrap();
+            let out_path = dir.path().join("t.gguf");
+            let tensor = GgufTensor {
+                info: TensorInfo {
+                    name: "blk.0.attn_q.weight".into(),
+                    shape: vec![rows, cols],
+                    ty: GgmlType::F32,
+                    trim_dims: false,
+                },
+                hf_name: "q".into(),
+                source: FloatType::F32,
+                converted: GgmlType::F32,
+                transform: Transform::Permute { heads },
+                rows,
+                cols,
+            };
+            let staging = Staging::new_file(&out_path, &[], false).unwrap();
+            let out = GgufFile::create(staging, &[], 0, std::slice::from_ref(&tensor.info), Instant::now()).unwrap();
+            let tensors = [tensor];
+            let dest = GgufDest {
+                out: &out,
+                by_name: HashMap::new(),
+                tensors: &tensors,
+                held: Mutex::new(HashMap::new()),
+                held_heads: Mutex::new(HashMap::new()),
+            };
+            for &(r0, r1) in tiles {
+                let mut v = values[r0 * cols..r1 * cols].to_vec();
+                dest.values(0, r0 * cols, &mut v).unwrap();
+            }
+            assert!(dest.held_heads.lock().unwrap().is_empty());
+            let offset = out.offsets[0] as usize;
+            out.finish(vec![], 0).unwrap();
+            std::fs::read(&out_path).unwrap()[offset..offset + rows * cols * 4].to_vec()
+        };
+        let whole = write(&[(0, rows)]);
+        let expect: Vec<u8> = (0..rows)
+            .flat_map(|dst| {
+                let src = (0..rows).find(|&r| arch::permuted_row(r, rows, heads) == dst).unwrap();
+                values[src * cols..(src + 1) * cols]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>()
+            })
+            .collect();
+        assert_eq!(whole, expect);
+        assert_eq!(write(&[(0, 5), (5, 13), (13, 24)]), whole);
+        assert_eq!(write(&[(13, 24), (5, 13), (0, 5)]), whole);
+        assert_eq!(write(&[(16, 24), (0, 3), (8, 16), (3, 8)]), whole);
+    }
 
     #[test]
     fn bytes_pass_through_only_where_the_converter_keeps_them() {

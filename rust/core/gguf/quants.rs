@@ -106,8 +106,8 @@ impl GgmlType {
                         GgmlType::Q4_0 => q4_0(x, y),
                         GgmlType::Q5_0 => q5_0(x, y),
                         GgmlType::Q5_1 => q5_1(x, y),
-                        GgmlType::Q4K => q4_k(x, y),
-                        GgmlType::Q5K => q5_k(x, y),
+                        GgmlType::Q4K => q4_k_blocks::<8>(x, y),
+                        GgmlType::Q5K => q5_k_blocks::<8>(x, y),
                         GgmlType::Q6K => q6_k(x, y),
                         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
                     }
@@ -119,18 +119,31 @@ impl GgmlType {
 
 // The K-quant blocks compiled for the widest SIMD the CPU has: the sub-block lanes become vector lanes,
 // each lane's operations unchanged (Rust never fuses a multiply and an add), so the bytes do not change.
+// Q4_K and Q5_K search two blocks side by side (16 lanes: one AVX-512 register per operation).
 crate::dispatch! {
     pub fn encode_q4k_blocks(x: &[f32], out: &mut [u8]) {
-        for (x, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
-            q4_k(x, y);
+        let pairs = x.len() / (2 * QK_K);
+        let (x2, x1) = x.split_at(pairs * 2 * QK_K);
+        let (y2, y1) = out.split_at_mut(pairs * 2 * 144);
+        for (x, y) in x2.chunks_exact(2 * QK_K).zip(y2.chunks_exact_mut(2 * 144)) {
+            q4_k_blocks::<16>(x, y);
+        }
+        for (x, y) in x1.chunks_exact(QK_K).zip(y1.chunks_exact_mut(144)) {
+            q4_k_blocks::<8>(x, y);
         }
     }
 }
 
 crate::dispatch! {
     pub fn encode_q5k_blocks(x: &[f32], out: &mut [u8]) {
-        for (x, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(176)) {
-            q5_k(x, y);
+        let pairs = x.len() / (2 * QK_K);
+        let (x2, x1) = x.split_at(pairs * 2 * QK_K);
+        let (y2, y1) = out.split_at_mut(pairs * 2 * 176);
+        for (x, y) in x2.chunks_exact(2 * QK_K).zip(y2.chunks_exact_mut(2 * 176)) {
+            q5_k_blocks::<16>(x, y);
+        }
+        for (x, y) in x1.chunks_exact(QK_K).zip(y1.chunks_exact_mut(176)) {
+            q5_k_blocks::<8>(x, y);
         }
     }
 }
@@ -255,27 +268,28 @@ fn q5_1(x: &[f32], y: &mut [u8]) {
     y[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 
-/// `make_qkx2_quants` (use_mad false) for 8 sub-blocks at once, lane k holding sub-block k: the same
-/// f32 operations in the same order per lane as the scalar version, bit for bit.
+/// `make_qkx2_quants` (use_mad false) for N sub-blocks at once, lane k holding sub-block k: the same
+/// f32 operations in the same order per lane as the scalar version, bit for bit. Levels are kept as
+/// f32 (small integers, exact) so the lanes never leave the float registers.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn make_qkx2_quants_x8(
+fn make_qkx2_quants_xn<const N: usize>(
     nmax: i32,
-    x: &[[f32; 8]; 32],
-    w: &[[f32; 8]; 32],
-    l: &mut [[u8; 8]; 32],
+    x: &[[f32; N]; 32],
+    w: &[[f32; N]; 32],
+    l: &mut [[f32; N]; 32],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
-) -> ([f32; 8], [f32; 8]) {
+) -> ([f32; N], [f32; N]) {
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = w[0];
-    let mut sum_x = [0f32; 8];
-    for k in 0..8 {
+    let mut sum_x = [0f32; N];
+    for k in 0..N {
         sum_x[k] = sum_w[k] * x[0][k];
     }
     for i in 1..32 {
-        for k in 0..8 {
+        for k in 0..N {
             if x[i][k] < min[k] {
                 min[k] = x[i][k];
             }
@@ -287,10 +301,10 @@ fn make_qkx2_quants_x8(
         }
     }
     let nmaxf = nmax as f32;
-    let mut flat = [false; 8];
-    let mut iscale = [0f32; 8];
-    let mut scale = [0f32; 8];
-    for k in 0..8 {
+    let mut flat = [false; N];
+    let mut iscale = [0f32; N];
+    let mut scale = [0f32; N];
+    for k in 0..N {
         if min[k] > 0.0 {
             min[k] = 0.0;
         }
@@ -298,37 +312,38 @@ fn make_qkx2_quants_x8(
         iscale[k] = nmaxf / (max[k] - min[k]);
         scale[k] = 1.0 / iscale[k];
     }
-    let mut best_error = [0f32; 8];
+    let mut best_error = [0f32; N];
+    // The levels are nearest_int(l_iscale * (x - l_min)) clamped, of the best pass so far.
+    let (mut l_iscale, mut l_min) = (iscale, min);
     for i in 0..32 {
-        for k in 0..8 {
-            let q = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax) as u8;
-            l[i][k] = q;
-            let diff = scale[k] * q as f32 + min[k] - x[i][k];
+        for k in 0..N {
+            let q = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax) as f32;
+            let diff = scale[k] * q + min[k] - x[i][k];
             best_error[k] += w[i][k] * (diff * diff);
         }
     }
-    let mut laux = [[0u8; 8]; 32];
+    let mut laux = [[0f32; N]; 32];
     for is in 0..=nstep {
-        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-        for k in 0..8 {
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; N], [0f32; N], [0f32; N]);
+        for k in 0..N {
             iscale[k] = (rmin + rdelta * is as f32 + nmaxf) / (max[k] - min[k]);
         }
         for i in 0..32 {
-            for k in 0..8 {
-                let q = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax);
-                laux[i][k] = q as u8;
-                let lf = q as f32;
-                sum_l[k] += w[i][k] * lf;
-                sum_l2[k] += w[i][k] * lf * lf;
-                sum_xl[k] += w[i][k] * lf * x[i][k];
+            for k in 0..N {
+                let lf = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax) as f32;
+                laux[i][k] = lf;
+                let wl = w[i][k] * lf;
+                sum_l[k] += wl;
+                sum_l2[k] += wl * lf;
+                sum_xl[k] += wl * x[i][k];
             }
         }
-        let mut this_scale = [0f32; 8];
-        let mut this_min = [0f32; 8];
-        let mut ok = [false; 8];
-        for k in 0..8 {
+        let mut this_scale = [0f32; N];
+        let mut this_min = [0f32; N];
+        let mut better = [false; N];
+        for k in 0..N {
             let d = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k];
-            ok[k] = d > 0.0;
+            better[k] = d > 0.0;
             this_scale[k] = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d;
             this_min[k] = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d;
             if this_min[k] > 0.0 {
@@ -336,33 +351,72 @@ fn make_qkx2_quants_x8(
                 this_scale[k] = sum_xl[k] / sum_l2[k];
             }
         }
-        let mut cur_error = [0f32; 8];
+        let mut cur_error = [0f32; N];
         for i in 0..32 {
-            for k in 0..8 {
-                let diff = this_scale[k] * laux[i][k] as f32 + this_min[k] - x[i][k];
+            for k in 0..N {
+                let diff = this_scale[k] * laux[i][k] + this_min[k] - x[i][k];
                 cur_error[k] += w[i][k] * (diff * diff);
             }
         }
-        for k in 0..8 {
-            if ok[k] && cur_error[k] < best_error[k] {
-                for i in 0..32 {
-                    l[i][k] = laux[i][k];
-                }
+        for k in 0..N {
+            if better[k] && cur_error[k] < best_error[k] {
+                // Remember how this pass made its levels rather than copying them: they are remade
+                // once at the end by the same operations.
+                (l_iscale[k], l_min[k]) = (iscale[k], min[k]);
                 best_error[k] = cur_error[k];
                 scale[k] = this_scale[k];
                 min[k] = this_min[k];
             }
         }
     }
-    for k in 0..8 {
+    for i in 0..32 {
+        for k in 0..N {
+            l[i][k] = nearest_int(l_iscale[k] * (x[i][k] - l_min[k])).clamp(0, nmax) as f32;
+        }
+    }
+    for k in 0..N {
         if flat[k] {
             for row in l.iter_mut() {
-                row[k] = 0;
+                row[k] = 0.0;
             }
             scale[k] = 0.0;
         }
     }
     (scale, min.map(|m| -m))
+}
+
+/// The sub-block search of Q4_K / Q5_K for the N / 8 blocks in `x`, their N sub-blocks side by side
+/// (one lane each).
+#[inline(always)]
+fn k_quant_search<const N: usize>(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> KSearch<N> {
+    let mut xs = [[0f32; N]; 32];
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        for (i, &v) in sub.iter().enumerate() {
+            xs[i][j] = v;
+        }
+    }
+    let mut sum_x2 = [0f32; N];
+    for row in &xs {
+        for k in 0..N {
+            sum_x2[k] += row[k] * row[k];
+        }
+    }
+    let mut ws = [[0f32; N]; 32];
+    for (wrow, row) in ws.iter_mut().zip(&xs) {
+        for k in 0..N {
+            wrow[k] = (sum_x2[k] / 32.0).sqrt() + row[k].abs();
+        }
+    }
+    let mut levels = [[0f32; N]; 32];
+    let (scales, mins) = make_qkx2_quants_xn(nmax, &xs, &ws, &mut levels, rmin, 0.1, nstep);
+    KSearch { levels, scales, mins }
+}
+
+/// What the sub-block search found: levels (`levels[i][k]`: element i of sub-block k), scales, mins.
+struct KSearch<const N: usize> {
+    levels: [[f32; N]; 32],
+    scales: [f32; N],
+    mins: [f32; N],
 }
 
 /// `get_scale_min_k4`: the 6-bit scale and min of sub-block `j`.
@@ -378,37 +432,12 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// The shared body of Q4_K and Q5_K: sub-block scales and mins packed to 6 bits, then every level
+/// The rest of Q4_K and Q5_K for one block: sub-block scales and mins packed to 6 bits, then every level
 /// recomputed against the packed values. Writes d, dmin and scales into `head` (16 bytes).
 #[inline(always)]
-fn k_quant_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8], l: &mut [u8; QK_K]) {
-    // The eight sub-blocks side by side (xs[i][j] = x[32 j + i]), one lane each: every lane runs
-    // make_qkx2_quants' operations in their C order, so the compiler may use SIMD across lanes.
-    let mut xs = [[0f32; 8]; 32];
-    for (j, sub) in x.chunks_exact(32).enumerate() {
-        for (i, &v) in sub.iter().enumerate() {
-            xs[i][j] = v;
-        }
-    }
-    let mut ws = [[0f32; 8]; 32];
-    let mut sum_x2 = [0f32; 8];
-    for row in &xs {
-        for k in 0..8 {
-            sum_x2[k] += row[k] * row[k];
-        }
-    }
-    for (wrow, row) in ws.iter_mut().zip(&xs) {
-        for k in 0..8 {
-            wrow[k] = (sum_x2[k] / 32.0).sqrt() + row[k].abs();
-        }
-    }
-    let mut levels = [[0u8; 8]; 32];
-    let (scales, mins) = make_qkx2_quants_x8(nmax, &xs, &ws, &mut levels, rmin, 0.1, nstep);
-    for (i, row) in levels.iter().enumerate() {
-        for j in 0..8 {
-            l[32 * j + i] = row[j];
-        }
-    }
+fn k_quant_pack<const N: usize>(x: &[f32], nmax: i32, found: &KSearch<N>, block: usize, head: &mut [u8], l: &mut [u8]) {
+    let lanes = 8 * block..8 * block + 8;
+    let (scales, mins) = (&found.scales[lanes.clone()], &found.mins[lanes]);
     let (mut max_scale, mut max_min) = (0f32, 0f32);
     for j in 0..8 {
         if scales[j] > max_scale {
@@ -421,6 +450,7 @@ fn k_quant_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8], 
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let sc = &mut head[4..16];
+    sc.fill(0);
     for j in 0..8 {
         let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
         let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
@@ -440,6 +470,10 @@ fn k_quant_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8], 
         let (s, m) = scale_min_k4(j, &head[4..16]);
         let d = d_all * s as f32;
         if d == 0.0 {
+            // The search's levels stand (the only place they are read).
+            for (ii, row) in found.levels.iter().enumerate() {
+                l[32 * j + ii] = row[8 * block + j] as u8;
+            }
             continue;
         }
         let dm = dmin_all * m as f32;
@@ -449,43 +483,49 @@ fn k_quant_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8], 
     }
 }
 
+/// Q4_K of the N / 8 blocks in `x` (N = 8 or 16: one block, or two searched side by side).
 #[inline(always)]
-fn q4_k(x: &[f32], y: &mut [u8]) {
+fn q4_k_blocks<const N: usize>(x: &[f32], y: &mut [u8]) {
+    let found = k_quant_search::<N>(x, 15, -1.0, 20);
     let mut l = [0u8; QK_K];
-    y[4..16].fill(0);
-    k_quant_levels(x, 15, -1.0, 20, &mut y[..16], &mut l);
-    let qs = &mut y[16..144];
-    for (c, chunk) in l.chunks_exact(64).enumerate() {
-        for i in 0..32 {
-            qs[32 * c + i] = chunk[i] | (chunk[i + 32] << 4);
+    for (b, (x, y)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(144)).enumerate() {
+        k_quant_pack(x, 15, &found, b, &mut y[..16], &mut l);
+        let qs = &mut y[16..144];
+        for (c, chunk) in l.chunks_exact(64).enumerate() {
+            for i in 0..32 {
+                qs[32 * c + i] = chunk[i] | (chunk[i + 32] << 4);
+            }
         }
     }
 }
 
+/// Q5_K of the N / 8 blocks in `x`.
 #[inline(always)]
-fn q5_k(x: &[f32], y: &mut [u8]) {
+fn q5_k_blocks<const N: usize>(x: &[f32], y: &mut [u8]) {
+    let found = k_quant_search::<N>(x, 31, -0.5, 15);
     let mut l = [0u8; QK_K];
-    y[4..16].fill(0);
-    k_quant_levels(x, 31, -0.5, 15, &mut y[..16], &mut l);
-    let (qh, ql) = y[16..176].split_at_mut(32);
-    qh.fill(0);
-    let (mut m1, mut m2) = (1u8, 2u8);
-    for (c, chunk) in l.chunks_exact(64).enumerate() {
-        for j in 0..32 {
-            let mut l1 = chunk[j];
-            if l1 > 15 {
-                l1 -= 16;
-                qh[j] |= m1;
+    for (b, (x, y)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(176)).enumerate() {
+        k_quant_pack(x, 31, &found, b, &mut y[..16], &mut l);
+        let (qh, ql) = y[16..176].split_at_mut(32);
+        qh.fill(0);
+        let (mut m1, mut m2) = (1u8, 2u8);
+        for (c, chunk) in l.chunks_exact(64).enumerate() {
+            for j in 0..32 {
+                let mut l1 = chunk[j];
+                if l1 > 15 {
+                    l1 -= 16;
+                    qh[j] |= m1;
+                }
+                let mut l2 = chunk[j + 32];
+                if l2 > 15 {
+                    l2 -= 16;
+                    qh[j] |= m2;
+                }
+                ql[32 * c + j] = l1 | (l2 << 4);
             }
-            let mut l2 = chunk[j + 32];
-            if l2 > 15 {
-                l2 -= 16;
-                qh[j] |= m2;
-            }
-            ql[32 * c + j] = l1 | (l2 << 4);
+            m1 <<= 2;
+            m2 <<= 2;
         }
-        m1 <<= 2;
-        m2 <<= 2;
     }
 }
 
