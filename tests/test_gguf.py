@@ -319,3 +319,17 @@ def test_lora_adapters_llama_cpp_cannot_express_are_refused(tmp_path):
         with pytest.raises(UnsupportedError, match=why):
             lgguf.lora_to_gguf(adapter, base, tmp_path / "x.gguf")
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bulk_array_encoding_is_ggufs():
+    """The vocabulary arrays packed in bulk give GGUFWriter's bytes; other lists are left to it."""
+    import gguf
+
+    w = gguf.GGUFWriter(None, "llama")
+    tokens = ["<s>", "▁the", "é", "\n", "", "🙂"] * 20
+    cases = [tokens, [0.5, -1e-3, 3.25, -0.0] * 20, [1, 2, -7, 2**31 - 1] * 20, [gguf.TokenType.NORMAL] * 70]
+    for val in cases:
+        theirs = w._pack_val(val, gguf.GGUFValueType.ARRAY, add_vtype=True)
+        assert lgguf._pack_array_fast(val) == theirs
+    for val in ([True] * 70, [1, 2.0] * 40, [2**31] * 70, ["a"] * 10, [1e39] * 70):
+        assert lgguf._pack_array_fast(val) is None

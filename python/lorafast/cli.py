@@ -219,8 +219,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_blas() -> None:
+    """numpy (which gguf imports) does no linear algebra here, but OpenBLAS would start a thread per core
+    that competes with the writer's pool."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def _cmd_gguf(args: argparse.Namespace) -> int:
     require("lorafast gguf", "gguf", "transformers")
+    _quiet_blas()
     from lorafast.gguf import to_gguf
 
     r = to_gguf(
@@ -249,6 +256,7 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
 
 def _cmd_gguf_lora(args: argparse.Namespace) -> int:
     require("lorafast gguf-lora", "gguf")
+    _quiet_blas()
     from lorafast.gguf import lora_to_gguf
 
     r = lora_to_gguf(args.adapter, args.base, args.out, type=args.type, name=args.name, overwrite=args.overwrite)

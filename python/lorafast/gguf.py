@@ -598,13 +598,48 @@ def lora_metadata(
     return _encode_kv(w)
 
 
+def _pack_array_fast(val: Any) -> Optional[bytes]:
+    """The GGUFWriter encoding of a long list of str, float or int (the vocabulary's tokens, scores and
+    types), built in bulk: gguf packs each item in Python, tenths of a second for a 32k vocabulary. None
+    for anything else, which goes to gguf."""
+    import struct
+
+    import gguf
+    import numpy as np
+
+    if not isinstance(val, list) or len(val) < 64:
+        return None
+    kinds = {type(v) for v in val}
+    array = struct.pack("<I", gguf.GGUFValueType.ARRAY)
+    if kinds == {str}:
+        body = bytearray(struct.pack("<IQ", gguf.GGUFValueType.STRING, len(val)))
+        for v in val:
+            e = v.encode("utf-8")
+            body += struct.pack("<Q", len(e))
+            body += e
+        return array + bytes(body)
+    if kinds == {float}:
+        floats = np.asarray(val, dtype=np.float64)
+        if not np.isfinite(floats).all() or np.abs(floats).max() > np.finfo(np.float32).max:
+            return None  # struct refuses what float32 cannot hold; gguf says so
+        return array + struct.pack("<IQ", gguf.GGUFValueType.FLOAT32, len(val)) + floats.astype("<f4").tobytes()
+    # ints, and IntEnums such as gguf.TokenType (bool is an int that gguf types apart)
+    if all(issubclass(k, int) and not issubclass(k, bool) for k in kinds):
+        ints = np.asarray([int(v) for v in val], dtype=np.int64)
+        if ints.min() < -(2**31) or ints.max() >= 2**31:
+            return None
+        return array + struct.pack("<IQ", gguf.GGUFValueType.INT32, len(val)) + ints.astype("<i4").tobytes()
+    return None
+
+
 def _encode_kv(w: Any) -> tuple[bytes, int]:
     import gguf
 
     out = bytearray()
     for key, val in w.kv_data[0].items():
         out += w._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False)
-        out += w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
+        fast = _pack_array_fast(val.value) if val.type == gguf.GGUFValueType.ARRAY and val.sub_type is None else None
+        out += fast if fast is not None else w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
     return bytes(out), len(w.kv_data[0])
 
 

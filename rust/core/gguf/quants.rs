@@ -98,6 +98,7 @@ impl GgmlType {
             GgmlType::Q4K => encode_q4k_blocks(x, out),
             GgmlType::Q5K => encode_q5k_blocks(x, out),
             GgmlType::Q6K => encode_q6k_blocks(x, out),
+            GgmlType::Q8_0 => encode_q8_0_blocks(x, out),
             _ => {
                 let (bs, ts) = (self.block_size(), self.type_size());
                 for (x, y) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
@@ -149,6 +150,14 @@ crate::dispatch! {
 }
 
 crate::dispatch! {
+    pub fn encode_q8_0_blocks(x: &[f32], out: &mut [u8]) {
+        for (x, y) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
+            q8_0(x, y);
+        }
+    }
+}
+
+crate::dispatch! {
     pub fn encode_q6k_blocks(x: &[f32], out: &mut [u8]) {
         for (x, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
             q6_k(x, y);
@@ -189,6 +198,14 @@ fn to_i8(v: f32) -> i8 {
     v as i32 as i8
 }
 
+/// `to_i8` of an integral float, without Rust's saturating conversion (whose NaN checks keep the loop
+/// scalar): below 2^22 in magnitude the 1.5 * 2^23 trick is exact, and an infinity or NaN lands on a low
+/// byte of 0, as x86's 0x80000000 does.
+#[inline(always)]
+fn integral_to_i8(v: f32) -> i8 {
+    ((v + 12582912.0f32).to_bits().wrapping_sub(0x4b40_0000)) as u8 as i8
+}
+
 /// The value of largest magnitude (the first one, sign kept) and that magnitude.
 fn signed_absmax(x: &[f32]) -> (f32, f32) {
     let (mut amax, mut max) = (0f32, 0f32);
@@ -201,17 +218,23 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
     (amax, max)
 }
 
+#[inline(always)]
 fn q8_0(x: &[f32], y: &mut [u8]) {
-    let mut amax = 0f32;
-    for &v in x {
-        // MAX(a, b) = a > b ? a : b
-        amax = if amax > v.abs() { amax } else { v.abs() };
+    // |v| as bits orders as the values do, so the largest is an integer max, which vectorizes; a NaN
+    // (bits above infinity's) takes C's loop, whose MAX(a, b) = a > b ? a : b forgets it again.
+    let top = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    let mut amax = f32::from_bits(top);
+    if top > 0x7f80_0000 {
+        amax = 0.0;
+        for &v in x {
+            amax = if amax > v.abs() { amax } else { v.abs() };
+        }
     }
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[..2].copy_from_slice(&fp16(d));
     for (q, &v) in y[2..].iter_mut().zip(x) {
-        *q = to_i8((v * id).round()) as u8;
+        *q = integral_to_i8((v * id).round()) as u8;
     }
 }
 
@@ -341,15 +364,15 @@ fn make_qkx2_quants_xn<const N: usize>(
         let mut this_scale = [0f32; N];
         let mut this_min = [0f32; N];
         let mut better = [false; N];
+        // Branch-free per lane (both sides computed, one selected): the lanes stay in vector registers.
         for k in 0..N {
             let d = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k];
             better[k] = d > 0.0;
-            this_scale[k] = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d;
-            this_min[k] = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d;
-            if this_min[k] > 0.0 {
-                this_min[k] = 0.0;
-                this_scale[k] = sum_xl[k] / sum_l2[k];
-            }
+            let scale_k = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d;
+            let min_k = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d;
+            let clamped = min_k > 0.0;
+            this_min[k] = if clamped { 0.0 } else { min_k };
+            this_scale[k] = if clamped { sum_xl[k] / sum_l2[k] } else { scale_k };
         }
         let mut cur_error = [0f32; N];
         for i in 0..32 {
@@ -359,14 +382,14 @@ fn make_qkx2_quants_xn<const N: usize>(
             }
         }
         for k in 0..N {
-            if better[k] && cur_error[k] < best_error[k] {
-                // Remember how this pass made its levels rather than copying them: they are remade
-                // once at the end by the same operations.
-                (l_iscale[k], l_min[k]) = (iscale[k], min[k]);
-                best_error[k] = cur_error[k];
-                scale[k] = this_scale[k];
-                min[k] = this_min[k];
-            }
+            // Remember how this pass made its levels rather than copying them: they are remade once
+            // at the end by the same operations.
+            let take = better[k] && cur_error[k] < best_error[k];
+            l_iscale[k] = if take { iscale[k] } else { l_iscale[k] };
+            l_min[k] = if take { min[k] } else { l_min[k] };
+            best_error[k] = if take { cur_error[k] } else { best_error[k] };
+            scale[k] = if take { this_scale[k] } else { scale[k] };
+            min[k] = if take { this_min[k] } else { min[k] };
         }
     }
     for i in 0..32 {
@@ -657,6 +680,22 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
             ql[i] = (q(0) & 0x0f) | ((q(2) & 0x0f) << 4);
             ql[i + 32] = (q(1) & 0x0f) | ((q(3) & 0x0f) << 4);
             qh[i] = (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integral_floats_convert_as_c_does_on_x86() {
+        for i in -128..=127i32 {
+            assert_eq!(integral_to_i8(i as f32), i as i8);
+        }
+        // cvttss2si gives 0x80000000 for these: low byte 0.
+        for v in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(integral_to_i8(v), 0);
         }
     }
 }
