@@ -542,6 +542,7 @@ def _extra_tensors(arch: str, hparams: dict[str, Any]) -> list[tuple[str, list[f
     rope = rope.get("full_attention", rope) or {}
     if arch != "llama" or str(rope.get("rope_type", "")).lower() != "llama3":
         return []
+    require("lorafast gguf of a Llama 3 model (its rope_freqs)", "torch")
     import torch
 
     base = rope.get("rope_theta", 10000.0)
