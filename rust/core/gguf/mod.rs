@@ -401,34 +401,31 @@ impl GgufDest<'_> {
                 let (r0, r1) = (start / width, start / width + values.len() / width);
                 for h in r0 / hd..r1.div_ceil(hd) {
                     let (a, b) = (r0.max(h * hd), r1.min((h + 1) * hd));
-                    let mut fresh = Vec::new();
-                    let mut held = None;
-                    let buf = if b - a == hd {
-                        fresh.resize(hd * row_bytes, 0);
-                        &mut fresh
-                    } else {
-                        held = Some(self.held_heads.lock().expect("never poisoned"));
-                        let map = held.as_mut().expect("just set");
-                        &mut map.entry((i, h)).or_insert_with(|| (vec![0u8; hd * row_bytes], 0)).0
-                    };
-                    for r in a..b {
-                        let dst = arch::permuted_row(r, n, heads) - h * hd;
-                        let row = &values[(r - r0) * width..(r - r0 + 1) * width];
-                        ty.encode_row(row, &mut buf[dst * row_bytes..(dst + 1) * row_bytes]);
-                    }
-                    let whole = match held.as_mut() {
-                        None => fresh,
-                        Some(map) => {
-                            let entry = map.get_mut(&(i, h)).expect("present");
-                            entry.1 += b - a;
-                            if entry.1 < hd {
-                                continue;
-                            }
-                            map.remove(&(i, h)).expect("present").0
+                    let encode = |buf: &mut [u8]| {
+                        for r in a..b {
+                            let dst = arch::permuted_row(r, n, heads) - h * hd;
+                            let row = &values[(r - r0) * width..(r - r0 + 1) * width];
+                            ty.encode_row(row, &mut buf[dst * row_bytes..(dst + 1) * row_bytes]);
                         }
                     };
-                    drop(held);
-                    self.put(offset + (h * hd * row_bytes) as u64, &whole)?;
+                    let at = offset + (h * hd * row_bytes) as u64;
+                    if b - a == hd {
+                        let mut whole = vec![0u8; hd * row_bytes];
+                        encode(&mut whole);
+                        self.put(at, &whole)?;
+                        continue;
+                    }
+                    let whole = {
+                        let mut held = self.held_heads.lock().expect("never poisoned");
+                        let entry = held.entry((i, h)).or_insert_with(|| (vec![0u8; hd * row_bytes], 0));
+                        encode(&mut entry.0);
+                        entry.1 += b - a;
+                        if entry.1 < hd {
+                            continue;
+                        }
+                        held.remove(&(i, h)).expect("present").0
+                    };
+                    self.put(at, &whole)?;
                 }
                 Ok(())
             }
