@@ -59,6 +59,15 @@ impl FloatType {
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
         debug_assert_eq!(bytes.len(), out.len() * self.size());
         match self {
+            // Little-endian bytes at an aligned address are the values already: no copy.
+            FloatType::F32 if cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() => {
+                out.copy_from_slice(bytemuck::cast_slice(bytes))
+            }
+            FloatType::F16 | FloatType::BF16
+                if cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, u16>(bytes).is_ok() =>
+            {
+                self.decode_u16(bytemuck::cast_slice(bytes), out)
+            }
             FloatType::F32 => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);

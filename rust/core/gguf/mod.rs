@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::core::dtype::FloatType;
+use crate::core::dtype::{simd, FloatType};
 use crate::core::error::{Error, Result};
 use crate::core::io::{SafetensorsFile, TensorEntry};
 use crate::core::linalg;
 use crate::core::merge::plan;
 use crate::core::merge::sink::Dest;
-use crate::core::merge::source::Base;
+use crate::core::merge::source::{round_to, Base};
 use crate::core::merge::{layout, run_jobs, MergeOptions};
 use crate::core::peft::Adapter;
 use crate::core::pool;
@@ -486,6 +486,26 @@ impl Dest for GgufDest<'_> {
 
     fn state(&self, _tensor: &str, _json: &str) -> Result<()> {
         unreachable!("a GGUF merge has float outputs only")
+    }
+
+    fn write_float(&self, tensor: &str, t: FloatType, start: usize, values: &[f32], buf: &mut Vec<u8>) -> Result<bool> {
+        let Some(&i) = self.by_name.get(tensor) else {
+            return Ok(false); // a tensor the converter drops
+        };
+        let g = &self.tensors[i];
+        if g.transform == Transform::None && GgmlType::of_float(t) == g.info.ty {
+            // The converter keeps the merged model's bytes (merged NaNs are all quiet: no scan).
+            buf.resize(values.len() * t.size(), 0);
+            let nonfinite = t.encode_checked(values, buf);
+            self.put(self.out.offsets[i] + (start * t.size()) as u64, buf)?;
+            return Ok(nonfinite);
+        }
+        // The merged model's values, as rounded to its dtype, without encoding and decoding them.
+        let mut rounded = values.to_vec();
+        round_to(t, &mut rounded);
+        let nonfinite = simd::any_nonfinite(&rounded);
+        self.values(i, start, &mut rounded)?;
+        Ok(nonfinite)
     }
 }
 

@@ -7,14 +7,14 @@ use faer::MatRef;
 
 use crate::core::dtype::{simd, FloatType};
 use crate::core::error::{Error, Result};
-use crate::core::linalg::{hstack, matmul_into, transpose};
+use crate::core::linalg::{add_lowrank_product, hstack, matmul_into, transpose};
 use crate::core::peft::Adapter;
 use crate::core::progress::Progress;
 use crate::core::quant::quantize_run;
 
 use super::plan::{FourBit, Job, Layout, Origin, Output, Part, Step};
 use super::resolve::shape_str;
-use super::sink::{loaded_absmax, write_float, Dest, FourBitSink};
+use super::sink::{loaded_absmax, Dest, FourBitSink};
 use super::source::{round_to, Base, Source};
 use super::stats::{Accumulator, TensorStats};
 
@@ -188,8 +188,13 @@ impl<'a> Work<'a> {
     /// base in the dtype it merges in.
     fn read(&self, r0: usize, n: usize, raw: &mut Vec<u32>, base: &mut [f32], w: &mut [f32]) -> Result<()> {
         let len = n * self.cols;
-        self.source.read(r0 * self.cols, &mut base[..len], raw)?;
-        w[..len].copy_from_slice(&base[..len]);
+        if self.stats.is_some() {
+            self.source.read(r0 * self.cols, &mut base[..len], raw)?;
+            w[..len].copy_from_slice(&base[..len]);
+        } else {
+            // Only the report looks at the base as loaded.
+            self.source.read(r0 * self.cols, &mut w[..len], raw)?;
+        }
         if self.rounds_base() {
             round_to(self.work, &mut w[..len]);
         }
@@ -259,9 +264,9 @@ impl<'a> Work<'a> {
                     },
                     Some(Loaded::Lora(f)),
                 ) => {
-                    lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
                     let s = *post_scale;
                     if let Some(scale) = &self.channel_scale {
+                        lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
                         for i in 0..n {
                             for j in 0..cols {
                                 let k = i * cols + j;
@@ -274,10 +279,17 @@ impl<'a> Work<'a> {
                             }
                         }
                     } else if *round_delta_first {
+                        lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
                         for (wv, d) in w[..len].iter_mut().zip(&delta[..len]) {
                             *wv += self.work.round_trip(*d * s);
                         }
+                    } else if *layout == Layout::Rows {
+                        // The common case in one pass over the tile, the same bits as the product
+                        // written out and then added.
+                        let (rank, b) = (f.rank, &f.b[r0 * f.rank..(r0 + n) * f.rank]);
+                        add_lowrank_product(&mut w[..len], b, &f.a, rank, cols, s);
                     } else {
+                        lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
                         simd::add_scaled(&mut w[..len], &delta[..len], s);
                     }
                 }
@@ -342,7 +354,9 @@ impl<'a> Work<'a> {
             match (self.job.output, &mut four_bit) {
                 (Output::Float(t), _) => {
                     let flagged =
-                        write_float(self.ctx.dest, &self.job.out_name, t, r0 * cols, &w[..len], &mut encoded)?;
+                        self.ctx
+                            .dest
+                            .write_float(&self.job.out_name, t, r0 * cols, &w[..len], &mut encoded)?;
                     nonfinite += self.check_finite(&w[..len], flagged, t)?;
                     let rb = self.rounds_base();
                     if let Some(acc) = &mut self.stats {

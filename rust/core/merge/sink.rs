@@ -16,21 +16,14 @@ pub trait Dest: Sync {
     fn copy(&self, tensor: &str, file: &SafetensorsFile, entry: &TensorEntry) -> Result<()>;
     /// A quant-state JSON (its length decides the layout, so it may arrive last).
     fn state(&self, tensor: &str, json: &str) -> Result<()>;
-}
-
-/// Float output: encode, and report how many values were not finite.
-pub fn write_float(
-    dest: &dyn Dest,
-    name: &str,
-    t: FloatType,
-    start: usize,
-    values: &[f32],
-    buf: &mut Vec<u8>,
-) -> Result<bool> {
-    buf.resize(values.len() * t.size(), 0);
-    let nonfinite = t.encode_checked(values, buf);
-    dest.write(name, (start * t.size()) as u64, buf)?;
-    Ok(nonfinite)
+    /// Merged values `[start, start + values.len())` of `tensor`, to be stored as `t` (`buf`: scratch);
+    /// true if any is NaN or infinite, or becomes so in `t`. By default encoded and written as bytes.
+    fn write_float(&self, tensor: &str, t: FloatType, start: usize, values: &[f32], buf: &mut Vec<u8>) -> Result<bool> {
+        buf.resize(values.len() * t.size(), 0);
+        let nonfinite = t.encode_checked(values, buf);
+        self.write(tensor, (start * t.size()) as u64, buf)?;
+        Ok(nonfinite)
+    }
 }
 
 /// A weight being quantized, run by run of whole blocks.
