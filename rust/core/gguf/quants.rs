@@ -24,6 +24,15 @@ pub enum GgmlType {
 pub const QK_K: usize = 256;
 
 impl GgmlType {
+    /// The ggml type that stores values of a float type as they are.
+    pub fn of_float(t: FloatType) -> Self {
+        match t {
+            FloatType::F32 => GgmlType::F32,
+            FloatType::F16 => GgmlType::F16,
+            FloatType::BF16 => GgmlType::BF16,
+        }
+    }
+
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,
@@ -109,7 +118,7 @@ impl GgmlType {
                         GgmlType::Q5_1 => q5_1(x, y),
                         GgmlType::Q4K => q4_k_blocks::<8>(x, y),
                         GgmlType::Q5K => q5_k_blocks::<8>(x, y),
-                        GgmlType::Q6K => q6_k(x, y),
+                        GgmlType::Q6K => q6_k::<16>(x, y),
                         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
                     }
                 }
@@ -126,6 +135,12 @@ impl GgmlType {
 macro_rules! in_pairs {
     ($x:expr, $out:expr, $type_size:expr, $blocks:ident) => {{
         let (x, out, ts) = ($x, $out, $type_size);
+        let quads = x.len() / (4 * QK_K);
+        let (x4, x) = x.split_at(quads * 4 * QK_K);
+        let (y4, out) = out.split_at_mut(quads * 4 * ts);
+        for (x, y) in x4.chunks_exact(4 * QK_K).zip(y4.chunks_exact_mut(4 * ts)) {
+            $blocks::<32>(x, y);
+        }
         let pairs = x.len() / (2 * QK_K);
         let (x2, x1) = x.split_at(pairs * 2 * QK_K);
         let (y2, y1) = out.split_at_mut(pairs * 2 * ts);
@@ -160,8 +175,14 @@ crate::dispatch! {
 
 crate::dispatch! {
     pub fn encode_q6k_blocks(x: &[f32], out: &mut [u8]) {
-        for (x, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
-            q6_k(x, y);
+        let pairs = x.len() / (2 * QK_K);
+        let (x2, x1) = x.split_at(pairs * 2 * QK_K);
+        let (y2, y1) = out.split_at_mut(pairs * 2 * 210);
+        for (x, y) in x2.chunks_exact(2 * QK_K).zip(y2.chunks_exact_mut(2 * 210)) {
+            q6_k::<32>(x, y);
+        }
+        for (x, y) in x1.chunks_exact(QK_K).zip(y1.chunks_exact_mut(210)) {
+            q6_k::<16>(x, y);
         }
     }
 }
@@ -364,11 +385,13 @@ fn make_qkx2_quants_xn<const N: usize>(
         }
         let mut this_scale = [0f32; N];
         let mut this_min = [0f32; N];
-        let mut better = [false; N];
+        // D per lane, kept as a float (a bool array turned the selection below into a scalar loop of
+        // unpredictable branches).
+        let mut det = [0f32; N];
         // Branch-free per lane (both sides computed, one selected): the lanes stay in vector registers.
         for k in 0..N {
             let d = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k];
-            better[k] = d > 0.0;
+            det[k] = d;
             let scale_k = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d;
             let min_k = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d;
             let clamped = min_k > 0.0;
@@ -385,12 +408,14 @@ fn make_qkx2_quants_xn<const N: usize>(
         for k in 0..N {
             // Remember how this pass made its levels rather than copying them: they are remade once
             // at the end by the same operations.
-            let take = better[k] && cur_error[k] < best_error[k];
-            l_iscale[k] = if take { iscale[k] } else { l_iscale[k] };
-            l_min[k] = if take { min[k] } else { l_min[k] };
-            best_error[k] = if take { cur_error[k] } else { best_error[k] };
-            scale[k] = if take { this_scale[k] } else { scale[k] };
-            min[k] = if take { this_min[k] } else { min[k] };
+            // As a bit mask: the form the compiler keeps in vector registers.
+            let take = 0u32.wrapping_sub(((det[k] > 0.0) & (cur_error[k] < best_error[k])) as u32);
+            let pick = |new: f32, old: f32| f32::from_bits((new.to_bits() & take) | (old.to_bits() & !take));
+            l_iscale[k] = pick(iscale[k], l_iscale[k]);
+            l_min[k] = pick(min[k], l_min[k]);
+            best_error[k] = pick(cur_error[k], best_error[k]);
+            scale[k] = pick(this_scale[k], scale[k]);
+            min[k] = pick(this_min[k], min[k]);
         }
     }
     for i in 0..32 {
@@ -557,12 +582,14 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// `make_qx_quants` (rmse_type 1) for 16 sub-blocks at once, lane k holding sub-block k: the scalar
 /// version's f32 operations in their order, per lane.
+/// `make_qx_quants` (rmse_type 1, no weights) for N sub-blocks of 16 at once, lane k holding sub-block k,
+/// each lane's operations in the scalar order. Returns the scales; `l` gets the levels plus `nmax`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-fn make_qx_quants_x16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> [f32; 16] {
-    let (mut amax, mut max) = ([0f32; 16], [0f32; 16]);
+fn make_qx_quants_xn<const N: usize>(nmax: i32, x: &[[f32; N]; 16], l: &mut [[i8; N]; 16]) -> [f32; N] {
+    let (mut amax, mut max) = ([0f32; N], [0f32; N]);
     for row in x {
-        for k in 0..16 {
+        for k in 0..N {
             if row[k].abs() > amax[k] {
                 amax[k] = row[k].abs();
                 max[k] = row[k];
@@ -570,22 +597,34 @@ fn make_qx_quants_x16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) ->
         }
     }
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let mut iscale = [0f32; 16];
-    for k in 0..16 {
-        iscale[k] = (-nmax) as f32 / max[k];
-    }
-    let (mut sumlx, mut suml2) = ([0f32; 16], [0f32; 16]);
-    for (i, row) in x.iter().enumerate() {
-        for k in 0..16 {
-            let q = level(iscale[k], row[k]);
-            l[i][k] = (q + nmax) as i8;
-            let (lf, w) = (q as f32, row[k] * row[k]);
-            sumlx[k] += w * row[k] * lf;
-            suml2[k] += w * lf * lf;
+    // The weights x^2 and the products w * x, the same every pass.
+    let (mut w, mut wx) = ([[0f32; N]; 16], [[0f32; N]; 16]);
+    for i in 0..16 {
+        for k in 0..N {
+            w[i][k] = x[i][k] * x[i][k];
+            wx[i][k] = w[i][k] * x[i][k];
         }
     }
-    let (mut scale, mut best) = ([0f32; 16], [0f32; 16]);
-    for k in 0..16 {
+    let sums = |iscale: &[f32; N]| {
+        let (mut sumlx, mut suml2) = ([0f32; N], [0f32; N]);
+        for i in 0..16 {
+            for k in 0..N {
+                let lf = level(iscale[k], x[i][k]) as f32;
+                sumlx[k] += wx[i][k] * lf;
+                suml2[k] += w[i][k] * lf * lf;
+            }
+        }
+        (sumlx, suml2)
+    };
+    let mut iscale = [0f32; N];
+    for k in 0..N {
+        iscale[k] = (-nmax) as f32 / max[k];
+    }
+    // The levels are those of the best pass's iscale, remade once at the end.
+    let mut best_iscale = iscale;
+    let (sumlx, suml2) = sums(&iscale);
+    let (mut scale, mut best) = ([0f32; N], [0f32; N]);
+    for k in 0..N {
         scale[k] = if suml2[k] != 0.0 { sumlx[k] / suml2[k] } else { 0.0 };
         best[k] = scale[k] * sumlx[k];
     }
@@ -593,28 +632,26 @@ fn make_qx_quants_x16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) ->
         if is == 0 {
             continue;
         }
-        for k in 0..16 {
+        for k in 0..N {
             iscale[k] = -(nmax as f32 + 0.1 * is as f32) / max[k];
         }
-        let (mut sumlx, mut suml2) = ([0f32; 16], [0f32; 16]);
-        for row in x {
-            for k in 0..16 {
-                let (lf, w) = (level(iscale[k], row[k]) as f32, row[k] * row[k]);
-                sumlx[k] += w * row[k] * lf;
-                suml2[k] += w * lf * lf;
-            }
-        }
-        for k in 0..16 {
-            if suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k] {
-                for (i, row) in x.iter().enumerate() {
-                    l[i][k] = (nmax + level(iscale[k], row[k])) as i8;
-                }
-                scale[k] = sumlx[k] / suml2[k];
-                best[k] = scale[k] * sumlx[k];
-            }
+        let (sumlx, suml2) = sums(&iscale);
+        for k in 0..N {
+            // Selected through a bit mask, which stays in vector registers (see make_qkx2_quants_xn).
+            let take = 0u32.wrapping_sub(((suml2[k] > 0.0) & (sumlx[k] * sumlx[k] > best[k] * suml2[k])) as u32);
+            let pick = |new: f32, old: f32| f32::from_bits((new.to_bits() & take) | (old.to_bits() & !take));
+            let new_scale = sumlx[k] / suml2[k];
+            best_iscale[k] = pick(iscale[k], best_iscale[k]);
+            scale[k] = pick(new_scale, scale[k]);
+            best[k] = pick(new_scale * sumlx[k], best[k]);
         }
     }
-    for k in 0..16 {
+    for i in 0..16 {
+        for k in 0..N {
+            l[i][k] = (nmax + level(best_iscale[k], x[i][k])) as i8;
+        }
+    }
+    for k in 0..N {
         if amax[k] < GROUP_MAX_EPS {
             for row in l.iter_mut() {
                 row[k] = 0;
@@ -625,24 +662,34 @@ fn make_qx_quants_x16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) ->
     scale
 }
 
+/// Q6_K of the N / 16 blocks in `x` (N = 16 or 32: one block, or two searched side by side).
 #[inline(always)]
-fn q6_k(x: &[f32], y: &mut [u8]) {
-    let mut l = [0i8; QK_K];
-    let mut xs = [[0f32; 16]; 16];
+fn q6_k<const N: usize>(x: &[f32], y: &mut [u8]) {
+    let mut xs = [[0f32; N]; 16];
     for (k, sub) in x.chunks_exact(16).enumerate() {
         for (i, &v) in sub.iter().enumerate() {
             xs[i][k] = v;
         }
     }
-    let mut levels = [[0i8; 16]; 16];
-    let scales = make_qx_quants_x16(32, &xs, &mut levels);
-    for (i, row) in levels.iter().enumerate() {
-        for k in 0..16 {
-            l[16 * k + i] = row[k];
+    let mut levels = [[0i8; N]; 16];
+    let all_scales = make_qx_quants_xn::<N>(32, &xs, &mut levels);
+    for (b, (x, y)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(210)).enumerate() {
+        let mut l = [0i8; QK_K];
+        for (i, row) in levels.iter().enumerate() {
+            for k in 0..16 {
+                l[16 * k + i] = row[16 * b + k];
+            }
         }
+        let scales = &all_scales[16 * b..16 * b + 16];
+        q6_k_pack(x, scales, &mut l, y);
     }
+}
+
+/// The rest of Q6_K for one block: sub-block scales to 8 bits, levels recomputed against them, packed.
+#[inline(always)]
+fn q6_k_pack(x: &[f32], scales: &[f32], l: &mut [i8; QK_K], y: &mut [u8]) {
     let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
-    for &s in &scales {
+    for &s in scales {
         if s.abs() > max_abs_scale {
             max_abs_scale = s.abs();
             max_scale = s;
