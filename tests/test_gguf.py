@@ -327,7 +327,15 @@ def test_bulk_array_encoding_is_ggufs():
 
     w = gguf.GGUFWriter(None, "llama")
     tokens = ["<s>", "▁the", "é", "\n", "", "🙂"] * 20
-    cases = [tokens, [0.5, -1e-3, 3.25, -0.0] * 20, [1, 2, -7, 2**31 - 1] * 20, [gguf.TokenType.NORMAL] * 70]
+    pieces = [t.encode("utf-8") for t in tokens]  # the sentencepiece path's tokens are bytes
+    cases = [
+        tokens,
+        pieces,
+        pieces[:3] + tokens[3:],
+        [0.5, -1e-3, 3.25, -0.0] * 20,
+        [1, 2, -7, 2**31 - 1] * 20,
+        [gguf.TokenType.NORMAL] * 70,
+    ]
     for val in cases:
         theirs = w._pack_val(val, gguf.GGUFValueType.ARRAY, add_vtype=True)
         assert lgguf._pack_array_fast(val) == theirs

@@ -352,18 +352,21 @@ def _vocab_sentencepiece(w: Any, model_dir: Path, hparams: dict[str, Any]) -> No
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    for i in range(min(sp.vocab_size(), vocab_size)):
-        tokens[i] = sp.IdToPiece(i).encode("utf-8")
-        scores[i] = sp.GetScore(i)
+    # sentencepiece's calls take a list of ids: one call per property instead of one per token.
+    ids = list(range(min(sp.vocab_size(), vocab_size)))
+    flags = zip(sp.IsUnknown(ids), sp.IsControl(ids), sp.IsUnused(ids), sp.IsByte(ids))
+    for i, piece, score, (unknown, control, unused, byte) in zip(ids, sp.IdToPiece(ids), sp.GetScore(ids), flags):
+        tokens[i] = piece.encode("utf-8")
+        scores[i] = score
         types[i] = (
             gguf.TokenType.UNKNOWN
-            if sp.IsUnknown(i)
+            if unknown
             else gguf.TokenType.CONTROL
-            if sp.IsControl(i)
+            if control
             else gguf.TokenType.UNUSED
-            if sp.IsUnused(i)
+            if unused
             else gguf.TokenType.BYTE
-            if sp.IsByte(i)
+            if byte
             else gguf.TokenType.NORMAL
         )
     added_file = model_dir / "added_tokens.json"
@@ -612,13 +615,12 @@ def _pack_array_fast(val: Any) -> Optional[bytes]:
         return None
     kinds = {type(v) for v in val}
     array = struct.pack("<I", gguf.GGUFValueType.ARRAY)
-    if kinds == {str}:
-        body = bytearray(struct.pack("<IQ", gguf.GGUFValueType.STRING, len(val)))
-        for v in val:
-            e = v.encode("utf-8")
-            body += struct.pack("<Q", len(e))
-            body += e
-        return array + bytes(body)
+    if kinds <= {str, bytes}:
+        # gguf writes str as UTF-8 and bytes as they are
+        length = struct.Struct("<Q").pack
+        items = (v.encode("utf-8") if isinstance(v, str) else v for v in val)
+        body = b"".join(length(len(e)) + e for e in items)
+        return array + struct.pack("<IQ", gguf.GGUFValueType.STRING, len(val)) + body
     if kinds == {float}:
         floats = np.asarray(val, dtype=np.float64)
         if not np.isfinite(floats).all() or np.abs(floats).max() > np.finfo(np.float32).max:
