@@ -5,7 +5,9 @@ output in the model's own dtype. Every metadata key and value, tensor name, type
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +247,45 @@ def test_merged_model_is_byte_identical_to_llama_cpp(llama_cpp_dir, tmp_path, ar
         ours = tmp_path / f"{file_type}.gguf"
         lgguf.to_gguf(base, [adapter], ours, type=file_type, name="tiny", progress=False)
         assert_same_file(ours, theirs)
+
+
+@pytest.mark.slow
+def test_tokenizer_saved_with_the_adapter_wins(llama_cpp_dir, tmp_path):
+    """A trainer that added a pad token and a chat template saved its tokenizer beside the adapter: the
+    GGUF carries that tokenizer and the merged config (pad_token_id), as the converter reads them from
+    the merged folder - not the base's."""
+    import torch
+    import transformers
+    from conftest import save_adapter, save_model, tiny_llama_config
+
+    import lorafast
+
+    cfg = tiny_llama_config(hidden_size=256, intermediate_size=512)
+    base = with_sentencepiece_tokenizer(
+        save_model(transformers.LlamaForCausalLM, cfg, tmp_path / "a" / "model", torch.bfloat16), 256
+    )
+    adapter = save_adapter(transformers.AutoModelForCausalLM, base, tmp_path / "adapter", target_modules=["q_proj"])
+    shutil.copy(base / "tokenizer.model", adapter / "tokenizer.model")
+    (adapter / "added_tokens.json").write_text(json.dumps({"<pad>": 3}))
+    (adapter / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "pad_token": "<pad>",
+                "added_tokens_decoder": {"3": {"content": "<pad>", "special": True}},
+                "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            }
+        )
+    )
+    merged = lorafast.merge(base, [adapter], tmp_path / "b" / "model", progress=False).output
+    assert json.loads((merged / "config.json").read_text())["pad_token_id"] == 3
+    theirs = convert(llama_cpp_dir, merged, "f16", tmp_path / "theirs.gguf", name="tiny")
+    ours = lgguf.to_gguf(base, [adapter], tmp_path / "ours.gguf", type="f16", name="tiny", progress=False).output
+    assert_same_file(ours, theirs)
+    import gguf
+
+    fields = gguf.GGUFReader(ours).fields
+    assert "tokenizer.chat_template" in fields and "tokenizer.ggml.padding_token_id" in fields
+    assert not (base / "tokenizer_config.json").exists()  # the base folder was only read
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ import numpy.typing as npt
 _Path = Union[str, PathLike[str]]
 
 __version__: str
+TOKENIZER_FILES: list[str]
 __all__ = [
     "__version__",
+    "TOKENIZER_FILES",
     "MergeReport",
     "TensorReport",
     "ArithReport",
@@ -249,7 +251,7 @@ def gguf_plan(
     file_type: str,
     weights: Optional[Sequence[float]] = None,
     extra: Sequence[tuple[str, Sequence[float]]] = ...,
-) -> tuple[str, str, str, list[tuple[str, list[int], str]]]: ...
+) -> tuple[str, str, str, list[tuple[str, list[int], str]], Optional[str]]: ...
 def gguf_write(
     base: _Path,
     adapters: Sequence[_Path],

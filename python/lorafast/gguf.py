@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from contextlib import contextmanager
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from lorafast import _core
 from lorafast._core import GgufReport
@@ -486,6 +488,35 @@ def metadata(
     return _encode_kv(w)
 
 
+@contextmanager
+def _merged_view(base_dir: Path, adapter_dirs: Sequence[Path], config: Optional[str]) -> Iterator[Path]:
+    """The model folder the converter would read after `lorafast merge`, for the metadata: the base's files,
+    an adapter's tokenizer files over them (a tokenizer saved with the adapter wins, as the merge copies
+    it), and the merged config.json (a new task class, an untied or resized vocabulary, a pad token).
+    Without either, the base folder itself; otherwise links to those files in a temporary folder of the
+    base folder's name (the converter names the model after its folder), which no model data enters."""
+    tokenizer_files = {f: a / f for a in adapter_dirs for f in _core.TOKENIZER_FILES if (a / f).is_file()}
+    try:
+        base_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        base_config = None
+    merged_config = json.loads(config) if config is not None else base_config
+    if not tokenizer_files and merged_config == base_config:
+        yield base_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="lorafast-gguf-") as tmp:
+        view = Path(tmp) / base_dir.name
+        view.mkdir()
+        for f in base_dir.iterdir():
+            if f.name not in tokenizer_files and f.name != "config.json":
+                (view / f.name).symlink_to(f.resolve())
+        for name, f in tokenizer_files.items():
+            (view / name).symlink_to(f.resolve())
+        if merged_config is not None:
+            (view / "config.json").write_text(json.dumps(merged_config, indent=2), encoding="utf-8")
+        yield view
+
+
 def to_gguf(
     base: PathLike,
     adapters: Sequence[PathLike] = (),
@@ -510,13 +541,14 @@ def to_gguf(
         raise InvalidArgumentError(f"unknown GGUF type {type!r}; use one of {', '.join(TYPES)}")
     base_dir = Path(resolve_model_path(base))
     adapter_dirs = [Path(resolve_model_path(a)) for a in adapters]
-    arch, _, outtype, tensors = _core.gguf_plan(base_dir, adapter_dirs, file_type=file_type, weights=weights)
-    extra = _extra_tensors(arch, _hparams(base_dir))
-    if extra:
-        _, _, outtype, tensors = _core.gguf_plan(
-            base_dir, adapter_dirs, file_type=file_type, weights=weights, extra=extra
-        )
-    kv, n_kv = metadata(base_dir, arch, file_type, outtype, tensors, name)
+    arch, _, outtype, tensors, config = _core.gguf_plan(base_dir, adapter_dirs, file_type=file_type, weights=weights)
+    with _merged_view(base_dir, adapter_dirs, config) as model_dir:
+        extra = _extra_tensors(arch, _hparams(model_dir))
+        if extra:
+            _, _, outtype, tensors, _ = _core.gguf_plan(
+                base_dir, adapter_dirs, file_type=file_type, weights=weights, extra=extra
+            )
+        kv, n_kv = metadata(model_dir, arch, file_type, outtype, tensors, name)
     return run_with_bar(
         "gguf",
         progress,

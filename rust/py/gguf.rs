@@ -44,11 +44,19 @@ fn options(
     })
 }
 
-/// The file `gguf_write` would write: (architecture, HF architecture, the converter outtype the tensors
-/// start from, [(name, numpy shape, ggml type name)] in file order).
+/// (GGUF architecture, HF architecture, the converter outtype the tensors start from, [(name, numpy
+/// shape, ggml type name)] in file order, the merged model's config.json).
+type GgufPlanTuple = (
+    String,
+    String,
+    String,
+    Vec<(String, Vec<usize>, String)>,
+    Option<String>,
+);
+
+/// The file `gguf_write` would write, as `GgufPlanTuple`.
 #[pyfunction]
 #[pyo3(signature = (base, adapters, *, file_type, weights=None, extra=Vec::new()))]
-#[allow(clippy::type_complexity)]
 pub fn gguf_plan(
     py: Python<'_>,
     base: PathBuf,
@@ -56,7 +64,7 @@ pub fn gguf_plan(
     file_type: &str,
     weights: Option<Vec<f32>>,
     extra: Vec<(String, Vec<f32>)>,
-) -> PyResult<(String, String, String, Vec<(String, Vec<usize>, String)>)> {
+) -> PyResult<GgufPlanTuple> {
     let opts = options(file_type, weights, None, false, false, extra)?;
     let plan = py.detach(|| gguf::plan(&base, &adapters, &opts)).map_err(to_py)?;
     let outtype = format!("{:?}", plan.outtype).to_lowercase();
@@ -68,6 +76,7 @@ pub fn gguf_plan(
             .into_iter()
             .map(|t| (t.info.name, t.info.shape, t.info.ty.name().to_string()))
             .collect(),
+        plan.config.map(|c| c.to_string()),
     ))
 }
 

@@ -152,6 +152,8 @@ fn inspect_adapter<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
 #[pymodule(name = "_core")]
 fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The files an adapter's saved tokenizer consists of (they win over the base's in a merge).
+    m.add("TOKENIZER_FILES", crate::core::merge::config::TOKENIZER_FILES.to_vec())?;
     m.add_class::<reports::MergeReport>()?;
     m.add_class::<reports::TensorReport>()?;
     m.add_class::<reports::ArithReport>()?;

@@ -75,6 +75,9 @@ pub struct GgufPlan {
     /// the model's own dtype).
     pub outtype: FileType,
     pub tensors: Vec<GgufTensor>,
+    /// The merged model's config.json (the base's, rewritten by the merge: a task class, an untied or
+    /// resized vocabulary, a pad token), which the converter would read.
+    pub config: Option<serde_json::Value>,
 }
 
 fn config_usize(base: &Base, keys: &[&str]) -> Option<usize> {
@@ -248,6 +251,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             hf_arch,
             outtype,
             tensors,
+            config: merge_plan.config.clone(),
         },
         merge_plan,
     ))

@@ -163,20 +163,22 @@ fn pad_token_id(dir: &Path) -> Option<u64> {
         .as_u64()
 }
 
+/// The files of a saved tokenizer (transformers' and sentencepiece's).
+pub const TOKENIZER_FILES: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+];
+
 /// An adapter trained with added tokens ships its tokenizer: it wins over the base's.
 pub fn copy_tokenizer_files(adapter: &Path, to: &Path) -> Result<()> {
-    const NAMES: [&str; 9] = [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "tokenizer.model",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "chat_template.jinja",
-    ];
-    for name in NAMES {
+    for name in TOKENIZER_FILES {
         let src = adapter.join(name);
         if src.is_file() {
             std::fs::copy(&src, to.join(name)).map_err(|e| Error::io(&src, e))?;

@@ -11,7 +11,7 @@
 //! - `stats`: what the merge kept, per merged weight.
 //!
 //! The output goes to a staging folder beside OUT and is renamed into place only when complete.
-mod config;
+pub mod config;
 mod job;
 pub(crate) mod layout;
 pub mod plan;
