@@ -45,14 +45,22 @@ fn add_lowrank_product_generic(w: &mut [f32], b: &[f32], a: &[f32], rank: usize,
     let mut j = 0;
     while j + COLS <= cols {
         let mut i = 0;
-        // Four rows at a time: eight independent chains of fused multiply-adds.
+        // Eight rows at a time (sixteen independent chains of fused multiply-adds), then the rest in
+        // fours, twos and ones rather than ones alone, which the latency of two chains bounds.
         while i + 8 <= n {
             add_block::<8, COLS>(w, b, a, rank, cols, s, i, j);
             i += 8;
         }
-        while i < n {
+        if i + 4 <= n {
+            add_block::<4, COLS>(w, b, a, rank, cols, s, i, j);
+            i += 4;
+        }
+        if i + 2 <= n {
+            add_block::<2, COLS>(w, b, a, rank, cols, s, i, j);
+            i += 2;
+        }
+        if i < n {
             add_block::<1, COLS>(w, b, a, rank, cols, s, i, j);
-            i += 1;
         }
         j += COLS;
     }
