@@ -224,6 +224,19 @@ pub mod simd {
             }
         }
     }
+
+    dispatch! {
+        /// `round_bf16`, and true if any rounded value is NaN or infinite (one pass instead of two).
+        pub fn round_bf16_checked(w: &mut [f32]) -> bool {
+            let mut bad = false;
+            for v in w.iter_mut() {
+                let h = bf16_bits(*v);
+                bad |= h & 0x7f80 == 0x7f80;
+                *v = f32::from_bits((h as u32) << 16);
+            }
+            bad
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +250,30 @@ mod tests {
         assert_eq!(FloatType::BF16.round_trip(tie), 1.0);
         let above = f32::from_bits(tie.to_bits() + 1);
         assert_eq!(FloatType::BF16.round_trip(above), 1.0 + 2f32.powi(-7));
+    }
+
+    /// The one-pass check agrees with rounding and then scanning: overflow to infinity, NaN and infinity
+    /// flag; the largest finite bf16 and subnormals do not.
+    #[test]
+    fn checked_bf16_rounding_flags_what_a_scan_would() {
+        let cases: [&[f32]; 6] = [
+            &[1.0, -2.5, 1e-40],
+            &[3.389_531_4e38], // the largest finite bf16
+            &[f32::MAX],       // rounds up to infinity
+            &[0.5, f32::NAN],
+            &[f32::NEG_INFINITY],
+            &[],
+        ];
+        for values in cases {
+            let (mut a, mut b) = (values.to_vec(), values.to_vec());
+            simd::round_bf16(&mut a);
+            let flagged = simd::round_bf16_checked(&mut b);
+            assert_eq!(flagged, simd::any_nonfinite(&a), "{values:?}");
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]

@@ -492,7 +492,14 @@ impl Dest for GgufDest<'_> {
         unreachable!("a GGUF merge has float outputs only")
     }
 
-    fn write_float(&self, tensor: &str, t: FloatType, start: usize, values: &[f32], buf: &mut Vec<u8>) -> Result<bool> {
+    fn write_float(
+        &self,
+        tensor: &str,
+        t: FloatType,
+        start: usize,
+        values: &mut [f32],
+        buf: &mut Vec<u8>,
+    ) -> Result<bool> {
         let Some(&i) = self.by_name.get(tensor) else {
             return Ok(false); // a tensor the converter drops
         };
@@ -505,10 +512,14 @@ impl Dest for GgufDest<'_> {
             return Ok(nonfinite);
         }
         // The merged model's values, as rounded to its dtype, without encoding and decoding them.
-        let mut rounded = values.to_vec();
-        round_to(t, &mut rounded);
-        let nonfinite = simd::any_nonfinite(&rounded);
-        self.values(i, start, &mut rounded)?;
+        let nonfinite = match t {
+            FloatType::BF16 => simd::round_bf16_checked(values),
+            _ => {
+                round_to(t, values);
+                simd::any_nonfinite(values)
+            }
+        };
+        self.values(i, start, values)?;
         Ok(nonfinite)
     }
 }

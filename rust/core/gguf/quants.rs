@@ -99,11 +99,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 => FloatType::F32.encode(x, out),
             GgmlType::F16 => FloatType::F16.encode(x, out),
-            GgmlType::BF16 => {
-                for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
-                    o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
-                }
-            }
+            GgmlType::BF16 => encode_bf16_row(x, out),
             GgmlType::Q4K => encode_q4k_blocks(x, out),
             GgmlType::Q5K => encode_q5k_blocks(x, out),
             GgmlType::Q6K => encode_q6k_blocks(x, out),
@@ -188,12 +184,28 @@ crate::dispatch! {
 }
 
 /// `ggml_compute_fp32_to_bf16`: round to nearest even; a NaN keeps its top bits and is made quiet.
+/// Branch-free, so a loop of it vectorizes (the sum cannot overflow: NaNs take the other arm).
+#[inline(always)]
 pub fn bf16_bits(v: f32) -> u16 {
     let n = v.to_bits();
-    if n & 0x7fff_ffff > 0x7f80_0000 {
-        return ((n >> 16) | 64) as u16;
+    let rounded = n.wrapping_add(0x7fff + ((n >> 16) & 1)) >> 16;
+    let nan = (n >> 16) | 64;
+    (if n & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded }) as u16
+}
+
+crate::dispatch! {
+    /// Little-endian bf16 of `x`, `bf16_bits` on each value.
+    pub fn encode_bf16_row(x: &[f32], out: &mut [u8]) {
+        let mut bits = [0u16; 64];
+        for (x, out) in x.chunks(64).zip(out.chunks_mut(128)) {
+            for (b, v) in bits.iter_mut().zip(x) {
+                *b = bf16_bits(*v);
+            }
+            for (o, b) in out.chunks_exact_mut(2).zip(&bits) {
+                o.copy_from_slice(&b.to_le_bytes());
+            }
+        }
     }
-    ((n as u64 + 0x7fff + ((n >> 16) & 1) as u64) >> 16) as u16
 }
 
 fn fp16(v: f32) -> [u8; 2] {
@@ -735,6 +747,37 @@ fn q6_k_pack(x: &[f32], scales: &[f32], l: &mut [i8; QK_K], y: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The branch-free rounding is numpy's rule as gguf-py writes it (`(n + 0x7fff + ((n >> 16) & 1)) >> 16`
+    /// in 64 bits, NaNs keeping their top bits with the quiet bit set), on every sign/exponent pattern with
+    /// low bits at and around the ties; and a row encodes each value so.
+    #[test]
+    fn bf16_rounding_is_gguf_pys() {
+        let reference = |v: f32| -> u16 {
+            let n = v.to_bits();
+            if n & 0x7fff_ffff > 0x7f80_0000 {
+                ((n >> 16) | 64) as u16
+            } else {
+                ((n as u64 + 0x7fff + ((n >> 16) & 1) as u64) >> 16) as u16
+            }
+        };
+        let mut values = Vec::new();
+        for top in 0..=0x1ffu32 {
+            for low in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x1_7fff, 0x1_8000, 0x7f_ffff] {
+                values.push(f32::from_bits((top << 23) | low));
+            }
+        }
+        for v in &values {
+            assert_eq!(bf16_bits(*v), reference(*v), "{:#010x}", v.to_bits());
+        }
+        for len in [1usize, 63, 64, 65, 200] {
+            let x = &values[..len];
+            let mut out = vec![0u8; 2 * len];
+            GgmlType::BF16.encode_row(x, &mut out);
+            let expect: Vec<u8> = x.iter().flat_map(|v| reference(*v).to_le_bytes()).collect();
+            assert_eq!(out, expect, "len {len}");
+        }
+    }
 
     #[test]
     fn integral_floats_convert_as_c_does_on_x86() {

@@ -353,15 +353,17 @@ impl<'a> Work<'a> {
             self.apply_steps(r0, n, &mut w[..len], &mut delta[..len]);
             match (self.job.output, &mut four_bit) {
                 (Output::Float(t), _) => {
-                    let flagged =
-                        self.ctx
-                            .dest
-                            .write_float(&self.job.out_name, t, r0 * cols, &w[..len], &mut encoded)?;
-                    nonfinite += self.check_finite(&w[..len], flagged, t)?;
+                    // The report first: the destination may round `w` in place.
                     let rb = self.rounds_base();
                     if let Some(acc) = &mut self.stats {
                         acc.add_float(&base[..len], &w[..len], t, rb);
                     }
+                    let flagged =
+                        self.ctx
+                            .dest
+                            .write_float(&self.job.out_name, t, r0 * cols, &mut w[..len], &mut encoded)?;
+                    // Rounding to `t` twice is rounding once: the count is the same on rounded values.
+                    nonfinite += self.check_finite(&w[..len], flagged, t)?;
                 }
                 (Output::FourBit(q), Some(sink)) => {
                     if self.stats.is_some() {

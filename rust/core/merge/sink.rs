@@ -17,8 +17,16 @@ pub trait Dest: Sync {
     /// A quant-state JSON (its length decides the layout, so it may arrive last).
     fn state(&self, tensor: &str, json: &str) -> Result<()>;
     /// Merged values `[start, start + values.len())` of `tensor`, to be stored as `t` (`buf`: scratch);
-    /// true if any is NaN or infinite, or becomes so in `t`. By default encoded and written as bytes.
-    fn write_float(&self, tensor: &str, t: FloatType, start: usize, values: &[f32], buf: &mut Vec<u8>) -> Result<bool> {
+    /// true if any is NaN or infinite, or becomes so in `t`. `values` may be left rounded to `t`. By
+    /// default encoded and written as bytes.
+    fn write_float(
+        &self,
+        tensor: &str,
+        t: FloatType,
+        start: usize,
+        values: &mut [f32],
+        buf: &mut Vec<u8>,
+    ) -> Result<bool> {
         buf.resize(values.len() * t.size(), 0);
         let nonfinite = t.encode_checked(values, buf);
         self.write(tensor, (start * t.size()) as u64, buf)?;
