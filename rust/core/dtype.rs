@@ -150,6 +150,22 @@ pub mod simd {
         b & 0x7F80_0000 == 0x7F80_0000
     }
 
+    #[cfg(test)]
+    thread_local! {
+        /// The widest vector path tests let this thread take (2: AVX-512, 1: AVX2, 0: portable), to
+        /// check that every path gives the same bits.
+        pub static WIDEST: std::cell::Cell<u8> = const { std::cell::Cell::new(2) };
+    }
+
+    /// The widest vector path allowed: always AVX-512 outside tests.
+    #[inline(always)]
+    pub fn widest() -> u8 {
+        #[cfg(test)]
+        return WIDEST.with(|w| w.get());
+        #[cfg(not(test))]
+        2
+    }
+
     #[macro_export]
     #[doc(hidden)]
     macro_rules! dispatch {
@@ -164,12 +180,13 @@ pub mod simd {
                     unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
                     #[target_feature(enable = "avx2")]
                     unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
-                    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+                    let widest = $crate::core::dtype::simd::widest();
+                    if widest >= 2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vl") {
                         // SAFETY: the CPU supports these AVX-512 subsets (checked just above).
                         return unsafe { avx512($($arg),*) };
                     }
-                    if is_x86_feature_detected!("avx2") {
+                    if widest >= 1 && is_x86_feature_detected!("avx2") {
                         // SAFETY: the CPU supports AVX2 (checked just above).
                         return unsafe { avx2($($arg),*) };
                     }

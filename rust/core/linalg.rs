@@ -24,11 +24,12 @@ pub fn add_lowrank_product(w: &mut [f32], b: &[f32], a: &[f32], rank: usize, col
         unsafe fn avx2(w: &mut [f32], b: &[f32], a: &[f32], rank: usize, cols: usize, s: f32) {
             add_lowrank_product_generic(w, b, a, rank, cols, s)
         }
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        let widest = crate::core::dtype::simd::widest();
+        if widest >= 2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX-512F and FMA (checked just above).
             return unsafe { avx512(w, b, a, rank, cols, s) };
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if widest >= 1 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             return unsafe { avx2(w, b, a, rank, cols, s) };
         }
@@ -207,10 +208,14 @@ mod tests {
                 MatRef::from_row_major_slice(&a, rank, cols),
             );
             let expect: Vec<u32> = w0.iter().zip(&delta).map(|(w, d)| (w + d * s).to_bits()).collect();
-            let mut w = w0.clone();
-            add_lowrank_product(&mut w, &b, &a, rank, cols, s);
-            let got: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
-            assert_eq!(got, expect, "n {n} rank {rank} cols {cols}");
+            // Every vector width this CPU has, and the portable path.
+            for widest in [2, 1, 0] {
+                crate::core::dtype::simd::WIDEST.with(|w| w.set(widest));
+                let mut w = w0.clone();
+                add_lowrank_product(&mut w, &b, &a, rank, cols, s);
+                let got: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, expect, "n {n} rank {rank} cols {cols} widest {widest}");
+            }
         }
     }
 

@@ -748,6 +748,62 @@ fn q6_k_pack(x: &[f32], scales: &[f32], l: &mut [i8; QK_K], y: &mut [u8]) {
 mod tests {
     use super::*;
 
+    /// Every encoder gives the same bytes on the AVX-512, AVX2 and portable paths (lanes are plain IEEE
+    /// operations in C's order, so the vector width must not show), on rows that take the K-quants'
+    /// four-, two- and one-block paths and on values that stress the searches: normal, heavy-tailed,
+    /// flat, integral, all zero, tiny.
+    #[test]
+    fn every_vector_width_gives_the_same_bytes() {
+        let mut seed = 0x2545_F491u32;
+        let mut uniform = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let len = 7 * QK_K;
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        rows.push((0..len).map(|_| uniform() * 2.0 - 1.0).collect());
+        rows.push(
+            (0..len)
+                .map(|_| {
+                    let u = uniform().max(1e-6);
+                    (-u.ln()).powi(3) * if uniform() < 0.5 { -1.0 } else { 1.0 }
+                })
+                .collect(),
+        );
+        rows.push(vec![0.375; len]);
+        rows.push((0..len).map(|_| (uniform() * 31.0).round() - 15.0).collect());
+        rows.push(vec![0.0; len]);
+        rows.push((0..len).map(|_| (uniform() - 0.5) * 1e-30).collect());
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ];
+        for ty in types {
+            for (r, x) in rows.iter().enumerate() {
+                let encode = |widest: u8| {
+                    crate::core::dtype::simd::WIDEST.with(|w| w.set(widest));
+                    let mut out = vec![0u8; ty.row_bytes(x.len())];
+                    ty.encode_row(x, &mut out);
+                    crate::core::dtype::simd::WIDEST.with(|w| w.set(2));
+                    out
+                };
+                let widest = encode(2);
+                assert_eq!(encode(1), widest, "{} row {r}: AVX2 differs", ty.name());
+                assert_eq!(encode(0), widest, "{} row {r}: portable differs", ty.name());
+            }
+        }
+    }
+
     /// The branch-free rounding is numpy's rule as gguf-py writes it (`(n + 0x7fff + ((n >> 16) & 1)) >> 16`
     /// in 64 bits, NaNs keeping their top bits with the quiet bit set), on every sign/exponent pattern with
     /// low bits at and around the ties; and a row encodes each value so.
