@@ -55,7 +55,7 @@ fn main() {
 fn lora_tiles() {
     use faer::MatRef;
     use lorafast::core::dtype::simd::add_scaled;
-    use lorafast::core::linalg::{add_lowrank_product, matmul_into};
+    use lorafast::core::linalg::{add_lowrank_product, matmul_into, PackedFactor};
     let (rows, cols, rank) = (2048usize, 5632usize, 16usize);
     let tile_rows = (1 << 16) / cols;
     let a: Vec<f32> = (0..rank * cols)
@@ -82,8 +82,9 @@ fn lora_tiles() {
         matmul_into(&mut delta[..n * cols], bt, MatRef::from_row_major_slice(&a, rank, cols));
         add_scaled(&mut w[..n * cols], &delta[..n * cols], 2.0);
     });
+    let packed = PackedFactor::new(&a, rank, cols);
     let fused = time(&mut |r0, n| {
-        add_lowrank_product(&mut w[..n * cols], &b[r0 * rank..(r0 + n) * rank], &a, rank, cols, 2.0);
+        add_lowrank_product(&mut w[..n * cols], &b[r0 * rank..(r0 + n) * rank], &packed, 2.0);
     });
     let el = (rows * cols) as f64;
     println!();

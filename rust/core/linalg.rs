@@ -9,81 +9,112 @@ pub fn matmul_into(dst: &mut [f32], lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) 
     matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
 }
 
+/// Column-block width of the fused LoRA kernel.
+const BLOCK_COLS: usize = 32;
+
+/// A LoRA factor A (rank x cols) laid out for `add_lowrank_product`: each block of 32 columns' rank x 32
+/// values contiguous (the kernel streams one block per row group instead of striding across A's rows),
+/// then the last `cols % 32` columns row-major.
+pub struct PackedFactor {
+    data: Vec<f32>,
+    rank: usize,
+    cols: usize,
+}
+
+impl PackedFactor {
+    pub fn new(a: &[f32], rank: usize, cols: usize) -> Self {
+        debug_assert_eq!(a.len(), rank * cols);
+        let full = cols / BLOCK_COLS * BLOCK_COLS;
+        let mut data = Vec::with_capacity(rank * cols);
+        for j in (0..full).step_by(BLOCK_COLS) {
+            for row in a.chunks_exact(cols.max(1)) {
+                data.extend_from_slice(&row[j..j + BLOCK_COLS]);
+            }
+        }
+        for row in a.chunks_exact(cols.max(1)) {
+            data.extend_from_slice(&row[full..]);
+        }
+        PackedFactor { data, rank, cols }
+    }
+}
+
 /// `w (n x cols) += (b (n x rank) @ a (rank x cols)) * s`, all row-major, with each product element
 /// rounded as a matrix product computes it (fused multiply-adds in k order from +0, as the gemm kernels
 /// under `matmul_into` and torch do) and then scaled and added with two roundings (`W += delta * s`).
 /// One pass over the tile instead of a product written out, read back and added.
-pub fn add_lowrank_product(w: &mut [f32], b: &[f32], a: &[f32], rank: usize, cols: usize, s: f32) {
+pub fn add_lowrank_product(w: &mut [f32], b: &[f32], a: &PackedFactor, s: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn avx512(w: &mut [f32], b: &[f32], a: &[f32], rank: usize, cols: usize, s: f32) {
-            add_lowrank_product_generic(w, b, a, rank, cols, s)
+        unsafe fn avx512(w: &mut [f32], b: &[f32], a: &PackedFactor, s: f32) {
+            add_lowrank_product_generic(w, b, a, s)
         }
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(w: &mut [f32], b: &[f32], a: &[f32], rank: usize, cols: usize, s: f32) {
-            add_lowrank_product_generic(w, b, a, rank, cols, s)
+        unsafe fn avx2(w: &mut [f32], b: &[f32], a: &PackedFactor, s: f32) {
+            add_lowrank_product_generic(w, b, a, s)
         }
         let widest = crate::core::dtype::simd::widest();
         if widest >= 2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX-512F and FMA (checked just above).
-            return unsafe { avx512(w, b, a, rank, cols, s) };
+            return unsafe { avx512(w, b, a, s) };
         }
         if widest >= 1 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { avx2(w, b, a, rank, cols, s) };
+            return unsafe { avx2(w, b, a, s) };
         }
     }
-    add_lowrank_product_generic(w, b, a, rank, cols, s)
+    add_lowrank_product_generic(w, b, a, s)
 }
 
 #[inline(always)]
-fn add_lowrank_product_generic(w: &mut [f32], b: &[f32], a: &[f32], rank: usize, cols: usize, s: f32) {
-    const COLS: usize = 32;
+fn add_lowrank_product_generic(w: &mut [f32], b: &[f32], a: &PackedFactor, s: f32) {
+    const C: usize = BLOCK_COLS;
+    let (rank, cols) = (a.rank, a.cols);
     let n = w.len() / cols.max(1);
-    debug_assert!(b.len() >= n * rank && a.len() >= rank * cols);
+    debug_assert!(b.len() >= n * rank);
     // Column blocks outside, rows inside: a block of A (rank x 32) stays in L1 for the whole tile.
-    let mut j = 0;
-    while j + COLS <= cols {
+    let full = cols / C * C;
+    for (jb, block) in a.data[..full * rank].chunks_exact(rank * C).enumerate() {
+        let j = jb * C;
         let mut i = 0;
         // Eight rows at a time (sixteen independent chains of fused multiply-adds), then the rest in
         // fours, twos and ones rather than ones alone, which the latency of two chains bounds.
         while i + 8 <= n {
-            add_block::<8, COLS>(w, b, a, rank, cols, s, i, j);
+            add_block::<8, C>(w, b, block, rank, cols, s, i, j);
             i += 8;
         }
         if i + 4 <= n {
-            add_block::<4, COLS>(w, b, a, rank, cols, s, i, j);
+            add_block::<4, C>(w, b, block, rank, cols, s, i, j);
             i += 4;
         }
         if i + 2 <= n {
-            add_block::<2, COLS>(w, b, a, rank, cols, s, i, j);
+            add_block::<2, C>(w, b, block, rank, cols, s, i, j);
             i += 2;
         }
         if i < n {
-            add_block::<1, COLS>(w, b, a, rank, cols, s, i, j);
+            add_block::<1, C>(w, b, block, rank, cols, s, i, j);
         }
-        j += COLS;
     }
     // The last columns one at a time, in the same order.
+    let (tail, rest) = (cols - full, &a.data[full * rank..]);
     for r in 0..n {
-        for jj in j..cols {
+        for jj in 0..tail {
             let mut c = 0f32;
             for k in 0..rank {
-                c = b[r * rank + k].mul_add(a[k * cols + jj], c);
+                c = b[r * rank + k].mul_add(rest[k * tail + jj], c);
             }
-            w[r * cols + jj] += c * s;
+            w[r * cols + full + jj] += c * s;
         }
     }
 }
 
-/// Rows [i, i + R) x columns [j, j + C) of `add_lowrank_product`.
+/// Rows [i, i + R) x columns [j, j + C) of `add_lowrank_product`; `block` is A's rank x C block.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn add_block<const R: usize, const C: usize>(
     w: &mut [f32],
     b: &[f32],
-    a: &[f32],
+    block: &[f32],
     rank: usize,
     cols: usize,
     s: f32,
@@ -92,8 +123,8 @@ fn add_block<const R: usize, const C: usize>(
 ) {
     let b = &b[i * rank..(i + R) * rank];
     let mut acc = [[0f32; C]; R];
-    for k in 0..rank {
-        let ak: &[f32; C] = a[k * cols + j..k * cols + j + C].try_into().expect("C long");
+    for (k, ak) in block.chunks_exact(C).enumerate() {
+        let ak: &[f32; C] = ak.try_into().expect("C long");
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let bk = b[r * rank + k];
             for (c, av) in acc_r.iter_mut().zip(ak) {
@@ -212,7 +243,7 @@ mod tests {
             for widest in [2, 1, 0] {
                 crate::core::dtype::simd::WIDEST.with(|w| w.set(widest));
                 let mut w = w0.clone();
-                add_lowrank_product(&mut w, &b, &a, rank, cols, s);
+                add_lowrank_product(&mut w, &b, &PackedFactor::new(&a, rank, cols), s);
                 let got: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
                 assert_eq!(got, expect, "n {n} rank {rank} cols {cols} widest {widest}");
             }

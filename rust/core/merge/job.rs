@@ -7,7 +7,7 @@ use faer::MatRef;
 
 use crate::core::dtype::{simd, FloatType};
 use crate::core::error::{Error, Result};
-use crate::core::linalg::{add_lowrank_product, hstack, matmul_into, transpose};
+use crate::core::linalg::{add_lowrank_product, hstack, matmul_into, transpose, PackedFactor};
 use crate::core::peft::Adapter;
 use crate::core::progress::Progress;
 use crate::core::quant::quantize_run;
@@ -34,11 +34,13 @@ pub struct Ctx<'a> {
 /// A LoRA step's factors, loaded once per tensor: B_cat (out x R) and A_cat (R x in), A pre-scaled.
 struct Factors {
     a: Vec<f32>,
+    /// `a` laid out for the fused kernel, for row-layout steps.
+    packed: Option<PackedFactor>,
     b: Vec<f32>,
     rank: usize,
 }
 
-fn load_factors(adapters: &[Adapter], parts: &[Part]) -> Result<Factors> {
+fn load_factors(adapters: &[Adapter], parts: &[Part], pack: bool) -> Result<Factors> {
     let rank: usize = parts
         .iter()
         .map(|p| adapters[p.adapter].file.get(&p.a).expect("listed").shape[0])
@@ -57,7 +59,8 @@ fn load_factors(adapters: &[Adapter], parts: &[Part]) -> Result<Factors> {
     let out = b_parts[0].1.len() / b_parts[0].0;
     let blocks: Vec<(usize, &[f32])> = b_parts.iter().map(|(r, pb)| (*r, pb.as_slice())).collect();
     let b = hstack(&blocks, out, rank);
-    Ok(Factors { a, b, rank })
+    let packed = pack.then(|| PackedFactor::new(&a, rank, a.len() / rank.max(1)));
+    Ok(Factors { a, packed, b, rank })
 }
 
 /// What each step needs, read once for the tensor.
@@ -122,9 +125,15 @@ impl<'a> Work<'a> {
         for step in &job.steps {
             match step {
                 Step::Lora {
-                    parts, magnitude: m, ..
+                    parts,
+                    magnitude: m,
+                    layout,
+                    round_delta_first,
+                    ..
                 } => {
-                    loaded.push(Some(Loaded::Lora(load_factors(ctx.adapters, parts)?)));
+                    // The fused kernel's case (see `apply_steps`).
+                    let fused = *layout == Layout::Rows && !*round_delta_first && m.is_none();
+                    loaded.push(Some(Loaded::Lora(load_factors(ctx.adapters, parts, fused)?)));
                     if let Some((ai, key)) = m {
                         magnitude = Some(ctx.adapters[*ai].file.read_f32(key)?);
                     }
@@ -283,11 +292,10 @@ impl<'a> Work<'a> {
                         for (wv, d) in w[..len].iter_mut().zip(&delta[..len]) {
                             *wv += self.work.round_trip(*d * s);
                         }
-                    } else if *layout == Layout::Rows {
+                    } else if let Some(packed) = &f.packed {
                         // The common case in one pass over the tile, the same bits as the product
                         // written out and then added.
-                        let (rank, b) = (f.rank, &f.b[r0 * f.rank..(r0 + n) * f.rank]);
-                        add_lowrank_product(&mut w[..len], b, &f.a, rank, cols, s);
+                        add_lowrank_product(&mut w[..len], &f.b[r0 * f.rank..(r0 + n) * f.rank], packed, s);
                     } else {
                         lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
                         simd::add_scaled(&mut w[..len], &delta[..len], s);
