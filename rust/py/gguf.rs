@@ -171,21 +171,10 @@ pub fn gguf_encode_rows<'py>(
     row_len: usize,
     ggml_type: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let ty = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ]
-    .into_iter()
-    .find(|t| t.name().eq_ignore_ascii_case(ggml_type))
-    .ok_or_else(|| to_py(Error::InvalidArgument(format!("unknown ggml type {ggml_type:?}"))))?;
+    let ty = GgmlType::ALL
+        .into_iter()
+        .find(|t| t.name().eq_ignore_ascii_case(ggml_type))
+        .ok_or_else(|| to_py(Error::InvalidArgument(format!("unknown ggml type {ggml_type:?}"))))?;
     let x = values
         .as_slice()
         .map_err(|_| to_py(Error::InvalidArgument("values must be a contiguous 1-D array".into())))?;

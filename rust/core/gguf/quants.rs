@@ -24,6 +24,20 @@ pub enum GgmlType {
 pub const QK_K: usize = 256;
 
 impl GgmlType {
+    /// Every type lorafast writes.
+    pub const ALL: [GgmlType; 10] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
     /// The ggml type that stores values of a float type as they are.
     pub fn of_float(t: FloatType) -> Self {
         match t {
@@ -776,19 +790,7 @@ mod tests {
         rows.push((0..len).map(|_| (uniform() * 31.0).round() - 15.0).collect());
         rows.push(vec![0.0; len]);
         rows.push((0..len).map(|_| (uniform() - 0.5) * 1e-30).collect());
-        let types = [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q4K,
-            GgmlType::Q5K,
-            GgmlType::Q6K,
-        ];
-        for ty in types {
+        for ty in GgmlType::ALL {
             for (r, x) in rows.iter().enumerate() {
                 let encode = |widest: u8| {
                     crate::core::dtype::simd::WIDEST.with(|w| w.set(widest));
