@@ -292,6 +292,25 @@ def test_a_missing_optional_package_is_one_line_before_any_work(tmp_path, hidden
     assert list(tmp_path.iterdir()) == []  # nothing was started
 
 
+def test_an_installed_package_that_fails_to_import_is_one_line_before_any_work(tmp_path):
+    # A broken install: matplotlib is found, but importing it raises (as a missing shared library does).
+    fake = tmp_path / "site" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libfreetype.so.6: cannot open shared object file')\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["experiment", "ranks", "--ranks", "2", "--out", "o", "--data", "d"]
+    code = f"from lorafast.cli import main\nimport sys\nsys.exit(main({argv!r}))\n"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env, timeout=300)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(err) == 1, r.stderr
+    assert err[0].startswith("lorafast: error:") and "needs matplotlib" in err[0], err[0]
+    assert "fails to import" in err[0] and "libfreetype" in err[0], err[0]
+    assert "pip install --force-reinstall matplotlib" in err[0], err[0]
+    assert list(work.iterdir()) == []  # nothing was started
+
+
 def test_missing_dependency_error_is_picklable_and_an_import_error():
     import pickle
 

@@ -31,14 +31,36 @@ def _installed(module: str) -> bool:
         return False
 
 
-def require(what: str, *modules: str) -> None:
-    """Raise MissingDependencyError naming every package of `modules` that cannot be imported.
+def _import_error(module: str) -> str | None:
+    """Why `module`, which is installed, fails to import (a broken install), or None if it imports."""
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a broken install can raise anything, not only ImportError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
+
+
+def require(what: str, *modules: str, find_only: tuple[str, ...] = ()) -> None:
+    """Raise MissingDependencyError naming every package of `modules` that is missing or fails to import.
+
+    Each module is imported here, before any work starts (the work imports it anyway), so a broken install
+    ends in one line now rather than after a training; `find_only` modules, which the work may not need,
+    are only looked up (transformers takes seconds to import).
 
     Example:
         >>> require("lorafast experiment", "matplotlib")  # doctest: +SKIP
     """
     missing = [m for m in modules if not _installed(m)]
     if not missing:
+        for m in modules:
+            why = None if m in find_only else _import_error(m)
+            if why is not None:
+                pip = _PACKAGES.get(m, (m, None))[0]
+                raise MissingDependencyError(
+                    f"{what} needs {pip}, which is installed but fails to import ({why}): "
+                    f"reinstall it with pip install --force-reinstall {pip}"
+                )
         return
     pips = [_PACKAGES.get(m, (m, None))[0] for m in missing]
     extras = sorted({e for m in missing if (e := _PACKAGES.get(m, (m, None))[1])})

@@ -226,7 +226,7 @@ def _quiet_blas() -> None:
 
 
 def _cmd_gguf(args: argparse.Namespace) -> int:
-    require("lorafast gguf", "gguf", "transformers")
+    require("lorafast gguf", "gguf", "transformers", find_only=("transformers",))
     _quiet_blas()
     from lorafast.gguf import to_gguf
 

@@ -533,7 +533,7 @@ def to_gguf(
     """Merge ``adapters`` into ``base`` and write ``out`` as GGUF of ``type`` (f32, f16, bf16, q8_0: as
     convert_hf_to_gguf.py writes the merged model; q4_0, q4_k_m, q5_k_m, q6_k: as llama-quantize then
     writes that). ``name`` sets general.name (default: derived from the model folder, as the converter does)."""
-    require("lorafast gguf", "gguf", "transformers")
+    require("lorafast gguf", "gguf", "transformers", find_only=("transformers",))
     file_type = type.lower()
     if file_type not in TYPES:
         from lorafast.errors import InvalidArgumentError

@@ -3,6 +3,7 @@ pub mod arith;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod experts;
 pub mod fuzzing;
 pub mod gguf;
 pub mod inspect;

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::core::checkpoint::read_json;
 use crate::core::error::{Error, Result};
+use crate::core::experts::{self, ExpertParam};
 use crate::core::io::SafetensorsFile;
 
 pub const CONFIG_NAME: &str = "adapter_config.json";
@@ -38,6 +39,8 @@ pub struct AdapterConfig {
     pub layers_pattern: Vec<String>,
     pub modules_to_save: Vec<String>,
     modules_to_save_re: Vec<Regex>,
+    /// LoRA on raw parameters (PEFT's `ParamWrapper`), e.g. `mlp.experts.gate_up_proj`.
+    pub target_parameters: Vec<String>,
     pub fan_in_fan_out: bool,
     pub use_dora: bool,
     pub lora_bias: bool,
@@ -101,14 +104,27 @@ impl AdapterConfig {
                 "layer_replication is set; PEFT itself refuses to merge such adapters",
             ));
         }
-        if get("target_parameters")
-            .and_then(Value::as_array)
-            .is_some_and(|a| !a.is_empty())
-        {
-            return Err(Error::unsupported(
-                path,
-                "target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported",
-            ));
+        let target_parameters = match get("target_parameters") {
+            None => vec![],
+            Some(v) => strings(v).ok_or_else(|| bad("target_parameters must be a list of names".into()))?,
+        };
+        if !target_parameters.is_empty() {
+            // ParamWrapper's own refusals (peft/tuners/lora/layer.py, ParamWrapper.__init__): an adapter that
+            // has them was not written by PEFT, and its merge would not be PEFT's.
+            let dropout = get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+            for (set, what) in [
+                (flag("use_dora"), "use_dora"),
+                (flag("lora_bias"), "lora_bias"),
+                (flag("fan_in_fan_out"), "fan_in_fan_out"),
+                (dropout != 0.0, "lora_dropout != 0"),
+            ] {
+                if set {
+                    return Err(Error::unsupported(
+                        path,
+                        format!("target_parameters with {what}: PEFT refuses LoRA on parameters with it too"),
+                    ));
+                }
+            }
         }
         for k in [
             "alora_invocation_tokens",
@@ -231,6 +247,7 @@ impl AdapterConfig {
             layers_pattern,
             modules_to_save,
             modules_to_save_re,
+            target_parameters,
             fan_in_fan_out: flag("fan_in_fan_out"),
             use_dora,
             lora_bias,
@@ -346,9 +363,22 @@ pub struct LoraModule {
     pub magnitude: Option<String>,
     pub r: usize,
     pub scaling: f32,
-    /// A's shape (r, in) and B's shape (out, r).
+    /// A's shape (r, in) and B's shape (out, r); for a parameter LoRA (r * experts, in) and
+    /// (out, r * experts).
     pub a_shape: Vec<usize>,
     pub b_shape: Vec<usize>,
+    /// LoRA on a parameter of `module` (`target_parameters`) rather than on the module itself.
+    pub param: Option<ExpertParam>,
+}
+
+impl LoraModule {
+    /// The name PEFT matches rank and alpha patterns against: the module, or `module.param`.
+    pub fn pattern_key(&self) -> String {
+        match &self.param {
+            Some(p) => format!("{}.{}", self.module, p.name),
+            None => self.module.clone(),
+        }
+    }
 }
 
 /// A full tensor saved with the adapter (modules_to_save, biases, saved embeddings).
@@ -428,12 +458,6 @@ impl Adapter {
                 .iter()
                 .find_map(|(s, set)| rest.strip_suffix(s).map(|m| (m, set)))
             {
-                if module.ends_with(".base_layer") {
-                    return Err(Error::unsupported(
-                        &weights,
-                        format!("tensor {key}: nested LoRA wrappers are not supported"),
-                    ));
-                }
                 set(parts.entry(module.to_string()).or_default(), key.clone());
             } else if rest.contains(".lora_") || rest.contains("token_adapter") {
                 return Err(Error::unsupported(
@@ -449,13 +473,45 @@ impl Adapter {
         }
         let mut modules = Vec::new();
         let mut ignored_modules = Vec::new();
-        for (module, p) in parts {
+        let params = experts::wrapped_params(&config, &weights, parts.keys().map(String::as_str))?;
+        for (wrapper, p) in parts {
             let (Some(a), Some(b)) = (p.a, p.b) else {
                 return Err(Error::adapter(
                     &weights,
-                    format!("module {module}: has lora tensors but not both A and B"),
+                    format!("module {wrapper}: has lora tensors but not both A and B"),
                 ));
             };
+            if let Some(w) = params.get(&wrapper) {
+                let a_shape = file.get(&a).map(|t| t.shape.clone()).unwrap_or_default();
+                let b_shape = file.get(&b).map(|t| t.shape.clone()).unwrap_or_default();
+                let key = format!("{}.{}", w.module, w.param);
+                let r = config.rank_for(&key);
+                let param = experts::param_shapes(&weights, &key, r, &a_shape, &b_shape)?;
+                modules.push(LoraModule {
+                    scaling: config.scaling_for(&key),
+                    module: w.module.clone(),
+                    kind: LayerKind::Linear,
+                    a,
+                    b,
+                    bias: p.bias,
+                    magnitude: p.magnitude,
+                    r,
+                    a_shape,
+                    b_shape,
+                    param: Some(ExpertParam {
+                        name: w.param.clone(),
+                        experts: param,
+                    }),
+                });
+                continue;
+            }
+            if wrapper.ends_with(".base_layer") {
+                return Err(Error::unsupported(
+                    &weights,
+                    format!("module {wrapper}: nested LoRA wrappers are only read for target_parameters"),
+                ));
+            }
+            let module = wrapper;
             if !config.is_targeted(&module) {
                 ignored_modules.push(module);
                 continue;
@@ -508,6 +564,7 @@ impl Adapter {
                 r,
                 a_shape,
                 b_shape,
+                param: None,
             });
         }
         Ok(Adapter {

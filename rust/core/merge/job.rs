@@ -40,22 +40,32 @@ struct Factors {
     rank: usize,
 }
 
-fn load_factors(adapters: &[Adapter], parts: &[Part], pack: bool) -> Result<Factors> {
-    let rank: usize = parts
-        .iter()
-        .map(|p| adapters[p.adapter].file.get(&p.a).expect("listed").shape[0])
-        .sum();
+/// The factors of one segment of the tensor: the whole tensor, or for a stack of experts (`[E, ., .]`)
+/// expert `segment`'s.
+fn load_factors(adapters: &[Adapter], parts: &[Part], pack: bool, segment: usize) -> Result<Factors> {
     let mut a = Vec::new();
     let mut b_parts = Vec::new();
     for p in parts {
         let file = &adapters[p.adapter].file;
-        let mut pa = file.read_f32(&p.a)?;
+        let (mut pa, r, pb) = match &p.expert {
+            None => (
+                file.read_f32(&p.a)?,
+                file.get(&p.b).expect("listed").shape[1],
+                file.read_f32(&p.b)?,
+            ),
+            Some(slice) => {
+                let r = file.get(&p.a).expect("listed").shape[0] / slice.experts;
+                let (pa, pb) = slice.factors(file, &p.a, &p.b, r, segment)?;
+                (pa, r, pb)
+            }
+        };
         if let Some((w, s)) = p.pre_scale {
             pa.iter_mut().for_each(|v| *v = (*v * w) * s);
         }
         a.extend(pa);
-        b_parts.push((file.get(&p.b).expect("listed").shape[1], file.read_f32(&p.b)?));
+        b_parts.push((r, pb));
     }
+    let rank: usize = b_parts.iter().map(|(r, _)| r).sum();
     let out = b_parts[0].1.len() / b_parts[0].0;
     let blocks: Vec<(usize, &[f32])> = b_parts.iter().map(|(r, pb)| (*r, pb.as_slice())).collect();
     let b = hstack(&blocks, out, rank);
@@ -65,8 +75,17 @@ fn load_factors(adapters: &[Adapter], parts: &[Part], pack: bool) -> Result<Fact
 
 /// What each step needs, read once for the tensor.
 enum Loaded {
-    Lora(Factors),
+    /// One set of factors per segment: one for a matrix, one per expert for a stack of experts.
+    Lora(Vec<Factors>),
     Vector(Vec<f32>),
+}
+
+/// How many experts a LoRA step's tensor stacks (1: a matrix).
+fn segments(parts: &[Part]) -> usize {
+    parts
+        .iter()
+        .find_map(|p| p.expert.as_ref().map(|e| e.segments()))
+        .unwrap_or(1)
 }
 
 /// Run one job; the report of a merged weight.
@@ -114,11 +133,22 @@ impl<'a> Work<'a> {
         let cols = *job.shape.last().unwrap_or(&1);
         let rows = job.numel().checked_div(cols).unwrap_or(0);
         let has_lora = job.steps.iter().any(|s| matches!(s, Step::Lora { .. }));
-        if has_lora && job.shape.len() != 2 {
-            return Err(Error::shape(
-                &job.out_name,
-                format!("LoRA target has shape {}, expected a matrix", shape_str(&job.shape)),
-            ));
+        for step in &job.steps {
+            if let Step::Lora { parts, .. } = step {
+                let n = segments(parts);
+                // A matrix, or a stack of one matrix per expert.
+                let fits = if n == 1 {
+                    job.shape.len() == 2
+                } else {
+                    job.shape.len() == 3 && job.shape[0] == n
+                };
+                if !fits {
+                    return Err(Error::shape(
+                        &job.out_name,
+                        format!("LoRA target has shape {}, expected a matrix", shape_str(&job.shape)),
+                    ));
+                }
+            }
         }
         let mut loaded = Vec::new();
         let mut magnitude = None;
@@ -133,7 +163,10 @@ impl<'a> Work<'a> {
                 } => {
                     // The fused kernel's case (see `apply_steps`).
                     let fused = *layout == Layout::Rows && !*round_delta_first && m.is_none();
-                    loaded.push(Some(Loaded::Lora(load_factors(ctx.adapters, parts, fused)?)));
+                    let factors = (0..segments(parts))
+                        .map(|seg| load_factors(ctx.adapters, parts, fused, seg))
+                        .collect::<Result<_>>()?;
+                    loaded.push(Some(Loaded::Lora(factors)));
                     if let Some((ai, key)) = m {
                         magnitude = Some(ctx.adapters[*ai].file.read_f32(key)?);
                     }
@@ -218,6 +251,8 @@ impl<'a> Work<'a> {
         let Some(Some(Loaded::Lora(f))) = self.loaded.first() else {
             unreachable!("a LoRA step loads factors")
         };
+        // DoRA is refused on expert parameters (as PEFT does): one segment.
+        let f = &f[0];
         let (rows, cols) = (self.rows, self.cols);
         let channels = if *layout == Layout::Rows { rows } else { cols };
         if magnitude.len() != channels {
@@ -271,34 +306,25 @@ impl<'a> Work<'a> {
                         round_delta_first,
                         ..
                     },
-                    Some(Loaded::Lora(f)),
+                    Some(Loaded::Lora(factors)),
                 ) => {
-                    let s = *post_scale;
-                    if let Some(scale) = &self.channel_scale {
-                        lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
-                        for i in 0..n {
-                            for j in 0..cols {
-                                let k = i * cols + j;
-                                let c = if *layout == Layout::Rows {
-                                    scale[r0 + i]
-                                } else {
-                                    scale[j]
-                                };
-                                w[k] = c * (w[k] + delta[k] * s);
-                            }
-                        }
-                    } else if *round_delta_first {
-                        lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
-                        for (wv, d) in w[..len].iter_mut().zip(&delta[..len]) {
-                            *wv += self.work.round_trip(*d * s);
-                        }
-                    } else if let Some(packed) = &f.packed {
-                        // The common case in one pass over the tile, the same bits as the product
-                        // written out and then added.
-                        add_lowrank_product(&mut w[..len], &f.b[r0 * f.rank..(r0 + n) * f.rank], packed, s);
-                    } else {
-                        lora_delta(f, *layout, r0, n, cols, &mut delta[..len]);
-                        simd::add_scaled(&mut w[..len], &delta[..len], s);
+                    // A tile of a stack of experts may span several: each row range gets its expert's factors.
+                    let seg_rows = self.rows / factors.len();
+                    let mut i0 = 0;
+                    while i0 < n {
+                        let (seg, local) = ((r0 + i0) / seg_rows, (r0 + i0) % seg_rows);
+                        let m = (seg_rows - local).min(n - i0);
+                        let span = i0 * cols..(i0 + m) * cols;
+                        let (w, delta) = (&mut w[span.clone()], &mut delta[span]);
+                        self.apply_lora(
+                            &factors[seg],
+                            (*layout, *post_scale, *round_delta_first),
+                            local,
+                            m,
+                            w,
+                            delta,
+                        );
+                        i0 += m;
                     }
                 }
                 (Step::AddVector { .. }, Some(Loaded::Vector(v))) => {
@@ -312,6 +338,45 @@ impl<'a> Work<'a> {
             if si + 1 < self.job.steps.len() {
                 round_to(self.work, &mut w[..len]);
             }
+        }
+    }
+
+    /// One LoRA step on rows [r0, r0 + n) of a matrix (or of one expert's matrix).
+    fn apply_lora(
+        &self,
+        f: &Factors,
+        (layout, s, round_delta_first): (Layout, f32, bool),
+        r0: usize,
+        n: usize,
+        w: &mut [f32],
+        delta: &mut [f32],
+    ) {
+        let (cols, len) = (self.cols, n * self.cols);
+        if let Some(scale) = &self.channel_scale {
+            lora_delta(f, layout, r0, n, cols, &mut delta[..len]);
+            for i in 0..n {
+                for j in 0..cols {
+                    let k = i * cols + j;
+                    let c = if layout == Layout::Rows {
+                        scale[r0 + i]
+                    } else {
+                        scale[j]
+                    };
+                    w[k] = c * (w[k] + delta[k] * s);
+                }
+            }
+        } else if round_delta_first {
+            lora_delta(f, layout, r0, n, cols, &mut delta[..len]);
+            for (wv, d) in w[..len].iter_mut().zip(&delta[..len]) {
+                *wv += self.work.round_trip(*d * s);
+            }
+        } else if let Some(packed) = &f.packed {
+            // The common case in one pass over the tile, the same bits as the product written out and
+            // then added.
+            add_lowrank_product(&mut w[..len], &f.b[r0 * f.rank..(r0 + n) * f.rank], packed, s);
+        } else {
+            lora_delta(f, layout, r0, n, cols, &mut delta[..len]);
+            simd::add_scaled(&mut w[..len], &delta[..len], s);
         }
     }
 

@@ -7,6 +7,7 @@ use safetensors::Dtype;
 
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
+use crate::core::experts::ExpertSlice;
 use crate::core::io::PlannedTensor;
 use crate::core::peft::{Adapter, LayerKind};
 use crate::core::quant::checkpoint::{quantize_targets, quantized_names};
@@ -35,6 +36,8 @@ pub struct Part {
     pub b: String,
     /// A is multiplied by `weight` and then by `scaling`, two f32 roundings as PEFT's `cat` does.
     pub pre_scale: Option<(f32, f32)>,
+    /// A LoRA on fused expert parameters: the experts and delta rows this tensor holds.
+    pub expert: Option<ExpertSlice>,
 }
 
 #[derive(Debug, Clone)]
@@ -465,7 +468,7 @@ fn lora_steps(tensor: &str, contribs: &[Contribution], adapters: &[Adapter], wei
         for embedding in [true, false] {
             let group: Vec<_> = contribs
                 .iter()
-                .filter(|(ai, mi, l)| {
+                .filter(|(ai, mi, l, _)| {
                     *l == layout && (adapters[*ai].modules[*mi].kind == LayerKind::Embedding) == embedding
                 })
                 .collect();
@@ -474,7 +477,7 @@ fn lora_steps(tensor: &str, contribs: &[Contribution], adapters: &[Adapter], wei
             }
             let dora: Vec<_> = group
                 .iter()
-                .filter(|(ai, mi, _)| adapters[*ai].modules[*mi].magnitude.is_some())
+                .filter(|(ai, mi, _, _)| adapters[*ai].modules[*mi].magnitude.is_some())
                 .collect();
             if !dora.is_empty() && (group.len() > 1 || weights[group[0].0] != 1.0) {
                 let m = &adapters[dora[0].0].modules[dora[0].1].module;
@@ -486,13 +489,14 @@ fn lora_steps(tensor: &str, contribs: &[Contribution], adapters: &[Adapter], wei
             let single = group.len() == 1 && weights[group[0].0] == 1.0;
             let parts = group
                 .iter()
-                .map(|(ai, mi, _)| {
+                .map(|(ai, mi, _, expert)| {
                     let m = &adapters[*ai].modules[*mi];
                     Part {
                         adapter: *ai,
                         a: m.a.clone(),
                         b: m.b.clone(),
                         pre_scale: (!single).then_some((weights[*ai], m.scaling)),
+                        expert: expert.clone(),
                     }
                 })
                 .collect();

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::core::error::{Error, Result};
+use crate::core::experts::{self, ExpertSlice};
 use crate::core::layers::{is_conv1d, OUTPUTS};
 use crate::core::peft::{Adapter, LayerKind};
 
@@ -20,8 +21,9 @@ pub const INPUT_EMBEDDINGS: [&str; 7] = [
     "embeddings.word_embeddings.weight",
 ];
 
-/// One LoRA module landing in a base tensor: (adapter, module index, layout).
-pub type Contribution = (usize, usize, Layout);
+/// One LoRA module landing in a base tensor: (adapter, module index, layout, and for a LoRA on fused
+/// expert parameters the experts and rows of its delta the tensor holds).
+pub type Contribution = (usize, usize, Layout, Option<ExpertSlice>);
 
 /// Everything the adapters do to the base, by base tensor name.
 #[derive(Default)]
@@ -146,6 +148,40 @@ fn resolve_modules(
     let mut missing = Vec::new();
     let mut resolved_any = false;
     for (mi, m) in adapter.modules.iter().enumerate() {
+        if let Some(p) = &m.param {
+            let find = |name: &str| {
+                let key = resolver.find(name)?;
+                let (_, entry) = base.ck.get(&key)?;
+                Some((key.clone(), base.logical_shape(&key, entry)))
+            };
+            let landings = experts::locate(model_type, &m.module, p, (m.a_shape[1], m.b_shape[0]), &find).map_err(
+                |e| match e {
+                    Error::Shape { module, reason } => Error::shape(module, format!("{}: {reason}", path.display())),
+                    other => other,
+                },
+            )?;
+            for (key, transposed, slice) in landings {
+                let (_, entry) = base.ck.get(&key).expect("resolved names exist");
+                if base.value_type(&key, entry).is_none() {
+                    return Err(Error::unsupported(
+                        &base.ck.dir,
+                        format!(
+                            "parameter {}: base tensor {key} has dtype {:?}; merging needs a float or bitsandbytes \
+                             4-bit weight",
+                            m.pattern_key(),
+                            entry.dtype
+                        ),
+                    ));
+                }
+                let layout = if transposed { Layout::Transposed } else { Layout::Rows };
+                r.contributions
+                    .entry(key)
+                    .or_default()
+                    .push((ai, mi, layout, Some(slice)));
+            }
+            resolved_any = true;
+            continue;
+        }
         let (key, tied) = match resolver.weight(&m.module) {
             Resolved::Found(k) => (k, false),
             Resolved::Tied(k) => (k, true),
@@ -199,7 +235,10 @@ fn resolve_modules(
                 ));
             }
         };
-        r.contributions.entry(key.clone()).or_default().push((ai, mi, layout));
+        r.contributions
+            .entry(key.clone())
+            .or_default()
+            .push((ai, mi, layout, None));
         if let Some(bias) = &m.bias {
             let bias_key = resolver.find(&format!("{}.bias", m.module)).ok_or_else(|| {
                 Error::shape(

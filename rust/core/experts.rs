@@ -1,0 +1,497 @@
+//! Mixture-of-experts: LoRA on fused expert parameters (PEFT's `target_parameters`), and where each
+//! expert's delta lands in the tensors a checkpoint actually stores.
+//!
+//! What PEFT does (peft 0.21.2, `peft/tuners/lora/layer.py`, `ParamWrapper`; the full account with
+//! quotes is `docs/moe.md`):
+//! - A 3-D parameter `[E, d1, d2]` gets `lora_A [E*r, in]` and `lora_B [out, E*r]` (`update_layer`).
+//!   transformers' experts modules store `[E, out, in]` (used as `F.linear(x, W[e])`) unless they set
+//!   `is_transposed` (GPT-OSS: `[E, in, out]`, used as `x @ W[e]`); PEFT swaps in/out accordingly.
+//! - `get_delta_weight`: `A.reshape(E, r, in)` (expert-major rows) and `B.reshape(out, r, E)` (rank-major
+//!   columns), `einsum("o r e, e r i -> e o i") * scaling`: expert e's delta is
+//!   `s * B[:, e::E] @ A[e*r:(e+1)*r]`, transposed for `is_transposed` modules.
+//! - Scaling: `lora_alpha / r` (rsLoRA `/ sqrt(r)`), r and alpha from `rank_pattern` / `alpha_pattern`
+//!   matched against `module.param` (`LoraModel._create_and_replace`, `current_key`).
+//! - Several parameters of one module nest: wrappers are made in the module's `named_parameters`
+//!   order (`BaseTuner._inject_parameters`), each wrapping the last, so the first registered parameter
+//!   is the innermost - saved under `module.base_layer.lora_A.weight` when two are targeted - and the
+//!   last the outermost (`module.lora_A.weight`).
+//! - The merge (`ParamWrapper.merge`) casts the delta to the parameter's dtype before adding it: two
+//!   roundings for 16-bit models. lorafast computes the delta in f32 and rounds once, as for every
+//!   other weight.
+//!
+//! On disk (transformers 5.25, `conversion_mapping.py`): Qwen2/3-MoE, OLMoE, DeepSeek and friends keep
+//! one Linear per expert (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`), Mixtral likewise under
+//! `block_sparse_moe` (`w1` gate, `w3` up, `w2` down). transformers stacks them on load and concatenates
+//! gate before up into `gate_up_proj [E, 2I, H]`; `save_pretrained` splits them back the same way. So
+//! the fused delta's first `I` rows land in the expert's gate weight and the rest in its up weight.
+//! GPT-OSS stores the fused parameters as they are in memory (`gate_up_proj [E, H, 2I]`, gate and up
+//! interleaved in its columns).
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::Path;
+
+use crate::core::error::{Error, Result};
+use crate::core::io::SafetensorsFile;
+use crate::core::peft::AdapterConfig;
+
+/// The parameter a LoRA wraps, and how many experts it stacks (1: a plain 2-D parameter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertParam {
+    pub name: String,
+    pub experts: usize,
+}
+
+/// The order transformers' experts modules register their parameters in (every MoE architecture
+/// transformers 5 fuses: `Qwen3MoeExperts`, `MixtralExperts`, `GptOssExperts`, ...), which decides the
+/// nesting of PEFT's wrappers.
+const REGISTRATION_ORDER: [&str; 4] = ["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"];
+
+/// Models whose experts module sets `is_transposed` (`[E, in, out]`).
+const TRANSPOSED_EXPERTS: [&str; 1] = ["gpt_oss"];
+
+/// Models whose experts are `[E, out, in]` (transformers' default): their orientation is known even when
+/// `in == out`.
+const ROW_EXPERTS: [&str; 12] = [
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "mixtral",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "minimax",
+    "phimoe",
+    "granitemoe",
+    "ernie4_5_moe",
+];
+
+/// A wrapper saved in the adapter file: the module it belongs to and the parameter it wraps.
+#[derive(Debug, Clone)]
+pub struct Wrapped {
+    pub module: String,
+    pub param: String,
+}
+
+/// The parameters of `module` that `target_parameters` selects (PEFT's match: `module.param` equal to
+/// an entry or ending with `.entry`), in registration order.
+fn targeted_params(config: &AdapterConfig, module: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for t in &config.target_parameters {
+        let param = t.rsplit('.').next().unwrap_or(t);
+        let key = format!("{module}.{param}");
+        if (key == *t || key.ends_with(&format!(".{t}"))) && !found.iter().any(|f| f == param) {
+            found.push(param.to_string());
+        }
+    }
+    let rank = |p: &str| REGISTRATION_ORDER.iter().position(|r| *r == p);
+    found.sort_by_key(|p| rank(p).unwrap_or(usize::MAX));
+    found
+}
+
+/// Which saved wrappers (module paths with `.base_layer` nesting, as the adapter's keys give them) hold
+/// a parameter LoRA, and of which parameter.
+pub fn wrapped_params<'a>(
+    config: &AdapterConfig,
+    weights: &Path,
+    wrappers: impl Iterator<Item = &'a str>,
+) -> Result<HashMap<String, Wrapped>> {
+    let mut out = HashMap::new();
+    if config.target_parameters.is_empty() {
+        return Ok(out);
+    }
+    // module -> the nesting depths saved for it
+    let mut depths: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
+    for w in wrappers {
+        let (mut module, mut depth) = (w, 0);
+        while let Some(inner) = module.strip_suffix(".base_layer") {
+            module = inner;
+            depth += 1;
+        }
+        depths
+            .entry(module.to_string())
+            .or_default()
+            .push((depth, w.to_string()));
+    }
+    for (module, mut saved) in depths {
+        let params = targeted_params(config, &module);
+        if params.is_empty() {
+            continue;
+        }
+        saved.sort();
+        let nesting: Vec<usize> = saved.iter().map(|(d, _)| *d).collect();
+        if nesting != (0..params.len()).collect::<Vec<_>>() {
+            return Err(Error::adapter(
+                weights,
+                format!(
+                    "module {module}: target_parameters selects {} of its parameters ({}), but the file holds {} \
+                     LoRA wrapper(s) on it at nesting depths {nesting:?}; PEFT saves one per parameter",
+                    params.len(),
+                    params.join(", "),
+                    saved.len()
+                ),
+            ));
+        }
+        if params.len() > 1 {
+            if let Some(p) = params.iter().find(|p| !REGISTRATION_ORDER.contains(&p.as_str())) {
+                return Err(Error::unsupported(
+                    weights,
+                    format!(
+                        "module {module}: several parameters are targeted and the nesting order of {p} is unknown \
+                         (lorafast knows {})",
+                        REGISTRATION_ORDER.join(", ")
+                    ),
+                ));
+            }
+        }
+        // The first registered parameter is the innermost wrapper (the deepest `base_layer`).
+        let n = params.len();
+        for (depth, wrapper) in saved {
+            out.insert(
+                wrapper,
+                Wrapped {
+                    module: module.clone(),
+                    param: params[n - 1 - depth].clone(),
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The expert count of a parameter LoRA, from its factors: A `[E*r, in]`, B `[out, E*r]`.
+pub fn param_shapes(weights: &Path, key: &str, r: usize, a: &[usize], b: &[usize]) -> Result<usize> {
+    let fits = a.len() == 2 && b.len() == 2 && a[0].is_multiple_of(r) && a[0] > 0 && b[1] == a[0];
+    if !fits {
+        return Err(Error::shape(
+            key,
+            format!(
+                "{}: parameter LoRA with A {a:?} and B {b:?} does not have PEFT's layout for rank {r} \
+                 (A [experts * r, in], B [out, experts * r])",
+                weights.display()
+            ),
+        ));
+    }
+    Ok(a[0] / r)
+}
+
+/// Which of a parameter LoRA's experts a stored tensor holds, and which rows of that expert's delta
+/// (the delta as `[out, in]`, before any transpose).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertSlice {
+    pub experts: usize,
+    /// The one expert a per-expert tensor holds; None: the tensor stacks all of them (`[E, ., .]`).
+    pub expert: Option<usize>,
+    pub rows: Range<usize>,
+}
+
+impl ExpertSlice {
+    /// How many experts a tensor of this slice holds one after another.
+    pub fn segments(&self) -> usize {
+        if self.expert.is_some() {
+            1
+        } else {
+            self.experts
+        }
+    }
+
+    /// Expert e's factors: A's rows `e*r..(e+1)*r` and, of B's `rows`, the columns `e, e+E, ...`.
+    pub fn factors(
+        &self,
+        file: &SafetensorsFile,
+        a: &str,
+        b: &str,
+        r: usize,
+        segment: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let e = self.expert.unwrap_or(segment);
+        let (ea, eb) = (entry(file, a)?, entry(file, b)?);
+        let (in_f, width) = (ea.shape[1], eb.shape[1]);
+        let a_e = read_rows(file, ea, e * r..(e + 1) * r)?;
+        let rows = read_rows(file, eb, self.rows.clone())?;
+        let mut b_e = Vec::with_capacity(self.rows.len() * r);
+        for row in rows.chunks_exact(width) {
+            b_e.extend((0..r).map(|k| row[k * self.experts + e]));
+        }
+        debug_assert_eq!(a_e.len(), r * in_f);
+        Ok((a_e, b_e))
+    }
+}
+
+fn entry<'a>(file: &'a SafetensorsFile, name: &str) -> Result<&'a crate::core::io::TensorEntry> {
+    file.get(name).ok_or_else(|| Error::Safetensors {
+        path: file.path.clone(),
+        reason: format!("no tensor named {name}"),
+    })
+}
+
+/// Rows of a 2-D float tensor as f32, reading only their bytes.
+fn read_rows(file: &SafetensorsFile, e: &crate::core::io::TensorEntry, rows: Range<usize>) -> Result<Vec<f32>> {
+    let ft = e.float_type().ok_or_else(|| Error::Safetensors {
+        path: file.path.clone(),
+        reason: format!("tensor {} has dtype {:?}, expected a float type", e.name, e.dtype),
+    })?;
+    let width = e.shape[1];
+    let mut bytes = vec![0u8; rows.len() * width * ft.size()];
+    file.read_bytes(e, (rows.start * width * ft.size()) as u64, &mut bytes)?;
+    let mut out = vec![0f32; rows.len() * width];
+    ft.decode(&bytes, &mut out);
+    Ok(out)
+}
+
+/// How an experts module lays out a 3-D parameter: `[E, in, out]` (true) or `[E, out, in]`.
+fn transposed(model_type: Option<&str>) -> Option<bool> {
+    match model_type {
+        Some(t) if TRANSPOSED_EXPERTS.contains(&t) => Some(true),
+        Some(t) if ROW_EXPERTS.contains(&t) => Some(false),
+        _ => None,
+    }
+}
+
+/// The module's names on disk: itself, and for Mixtral its `block_sparse_moe` name (transformers 5
+/// renames `.block_sparse_moe.` to `.mlp.` on load and back on save).
+fn disk_modules(model_type: Option<&str>, module: &str) -> Vec<String> {
+    let mut names = vec![module.to_string()];
+    if model_type == Some("mixtral") && module.contains(".mlp.") {
+        names.push(module.replace(".mlp.", ".block_sparse_moe."));
+    }
+    names
+}
+
+/// A fused parameter's per-expert Linear weights as checkpoints store them, the fused rows split in
+/// equal parts in this order (transformers' `Concatenate(dim=1)` and its reverse `Chunk`).
+fn per_expert_names(param: &str) -> &'static [&'static [&'static str]] {
+    match param {
+        "gate_up_proj" => &[&["gate_proj", "up_proj"], &["w1", "w3"]],
+        "down_proj" => &[&["down_proj"], &["w2"]],
+        _ => &[],
+    }
+}
+
+/// Where a parameter LoRA's delta lands: (base tensor, the delta transposed in it, which expert rows).
+pub type Landing = (String, bool, ExpertSlice);
+
+/// Resolves a tensor name against the base: the name it has there and its (logical) shape.
+pub type Find<'a> = &'a dyn Fn(&str) -> Option<(String, Vec<usize>)>;
+
+/// Find the stored tensors of `module.param` (`find` resolves a name against the base's tensors and
+/// returns its name and shape) and check each against the LoRA's shapes.
+pub fn locate(
+    model_type: Option<&str>,
+    module: &str,
+    p: &ExpertParam,
+    (in_f, out_f): (usize, usize),
+    find: Find,
+) -> Result<Vec<Landing>> {
+    let e_count = p.experts;
+    let whole = |expert| ExpertSlice {
+        experts: e_count,
+        expert,
+        rows: 0..out_f,
+    };
+    let key = format!("{module}.{}", p.name);
+    for m in disk_modules(model_type, module) {
+        if let Some((name, shape)) = find(&format!("{m}.{}", p.name)) {
+            if e_count == 1 {
+                // A 2-D parameter: PEFT takes it as (out, in), like a Linear weight.
+                if shape[..] != [out_f, in_f] {
+                    return Err(mismatch(&key, &name, &shape, &format!("[{out_f}, {in_f}]")));
+                }
+                return Ok(vec![(name, false, whole(Some(0)))]);
+            }
+            if shape.len() != 3 || shape[0] != e_count {
+                return Err(Error::shape(
+                    &key,
+                    format!(
+                        "the adapter has {e_count} experts but the base tensor {name} has shape {shape:?} \
+                         (expected [{e_count}, ., .])"
+                    ),
+                ));
+            }
+            let rows = [out_f, in_f];
+            let cols = [in_f, out_f];
+            let t = match transposed(model_type) {
+                Some(t) => t,
+                None if in_f != out_f => shape[1..] == cols,
+                None => {
+                    return Err(Error::unsupported(
+                        &name,
+                        format!(
+                            "parameter {key}: the orientation of a square expert weight cannot be decided for \
+                             model_type {model_type:?} ([E, out, in] or [E, in, out])"
+                        ),
+                    ))
+                }
+            };
+            let want = if t { cols } else { rows };
+            if shape[1..] != want {
+                return Err(mismatch(
+                    &key,
+                    &name,
+                    &shape,
+                    &format!("[{e_count}, {}, {}] for model_type {model_type:?}", want[0], want[1]),
+                ));
+            }
+            return Ok(vec![(name, t, whole(None))]);
+        }
+        for names in per_expert_names(&p.name) {
+            if find(&format!("{m}.0.{}.weight", names[0])).is_none() {
+                continue;
+            }
+            let part = out_f / names.len();
+            if part * names.len() != out_f {
+                return Err(Error::shape(
+                    &key,
+                    format!(
+                        "the delta's {out_f} rows do not split into {} equal parts ({})",
+                        names.len(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            let mut landings = Vec::new();
+            for e in 0..e_count {
+                for (k, n) in names.iter().enumerate() {
+                    let stored = format!("{m}.{e}.{n}.weight");
+                    let (name, shape) = find(&stored).ok_or_else(|| {
+                        Error::shape(
+                            &key,
+                            format!("the adapter has {e_count} experts but the base has no tensor {stored}"),
+                        )
+                    })?;
+                    if shape[..] != [part, in_f] {
+                        return Err(mismatch(&key, &name, &shape, &format!("[{part}, {in_f}]")));
+                    }
+                    let slice = ExpertSlice {
+                        experts: e_count,
+                        expert: Some(e),
+                        rows: k * part..(k + 1) * part,
+                    };
+                    landings.push((name, false, slice));
+                }
+            }
+            let extra = format!("{m}.{e_count}.{}.weight", names[0]);
+            if find(&extra).is_some() {
+                return Err(Error::shape(
+                    &key,
+                    format!("the adapter has {e_count} experts but the base has more (it has {extra})"),
+                ));
+            }
+            return Ok(landings);
+        }
+    }
+    Err(Error::shape(
+        &key,
+        format!(
+            "the base has no tensor for parameter {} of {module} (looked for {key} and per-expert weights)",
+            p.name
+        ),
+    ))
+}
+
+fn mismatch(key: &str, name: &str, shape: &[usize], want: &str) -> Error {
+    Error::shape(
+        key,
+        format!("base tensor {name} has shape {shape:?}, but the adapter's factors need {want}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(targets: &[&str]) -> AdapterConfig {
+        AdapterConfig::from_value(
+            Path::new("adapter_config.json"),
+            json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_parameters": targets}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nesting_follows_registration_order_not_the_config() {
+        let m = "model.layers.0.mlp.experts";
+        for targets in [
+            ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
+            ["gate_up_proj", "down_proj"],
+        ] {
+            let c = cfg(&targets);
+            let saved = [format!("{m}.base_layer"), m.to_string()];
+            let w = wrapped_params(&c, Path::new("a"), saved.iter().map(String::as_str)).unwrap();
+            assert_eq!(w[&format!("{m}.base_layer")].param, "gate_up_proj");
+            assert_eq!(w[m].param, "down_proj");
+        }
+        let c = cfg(&["down_proj"]);
+        let w = wrapped_params(&c, Path::new("a"), [m].into_iter()).unwrap();
+        assert_eq!(w[m].param, "down_proj");
+        // A wrapper too many is refused, naming the module.
+        let err = wrapped_params(&c, Path::new("a"), [m, &format!("{m}.base_layer")[..]].into_iter()).unwrap_err();
+        assert!(err.to_string().contains(m), "{err}");
+        // The match is dot-bounded, as PEFT's.
+        assert!(targeted_params(&cfg(&["xperts.down_proj"]), m).is_empty());
+    }
+
+    fn finder(tensors: Vec<(&'static str, Vec<usize>)>) -> impl Fn(&str) -> Option<(String, Vec<usize>)> {
+        move |n: &str| {
+            tensors
+                .iter()
+                .find(|(t, _)| *t == n)
+                .map(|(t, s)| (t.to_string(), s.clone()))
+        }
+    }
+
+    #[test]
+    fn per_expert_checkpoints_take_gate_rows_then_up_rows() {
+        let mut t = Vec::new();
+        for e in ["0", "1"] {
+            for n in ["w1", "w3"] {
+                t.push((
+                    &*format!("model.layers.0.block_sparse_moe.experts.{e}.{n}.weight").leak(),
+                    vec![6, 8],
+                ));
+            }
+        }
+        let p = ExpertParam {
+            name: "gate_up_proj".into(),
+            experts: 2,
+        };
+        let l = locate(
+            Some("mixtral"),
+            "model.layers.0.mlp.experts",
+            &p,
+            (8, 12),
+            &finder(t.clone()),
+        )
+        .unwrap();
+        assert_eq!(l.len(), 4);
+        assert_eq!(l[1].0, "model.layers.0.block_sparse_moe.experts.0.w3.weight");
+        assert_eq!(l[1].2.rows, 6..12);
+        assert_eq!(l[2].2.expert, Some(1));
+        // Three experts in the adapter, two in the base.
+        let p3 = ExpertParam {
+            experts: 3,
+            ..p.clone()
+        };
+        let err = locate(Some("mixtral"), "model.layers.0.mlp.experts", &p3, (8, 12), &finder(t)).unwrap_err();
+        assert!(err.to_string().contains("experts.2.w1.weight"), "{err}");
+    }
+
+    #[test]
+    fn fused_orientation_comes_from_the_architecture() {
+        let p = ExpertParam {
+            name: "gate_up_proj".into(),
+            experts: 4,
+        };
+        let gpt = finder(vec![("model.layers.0.mlp.experts.gate_up_proj", vec![4, 8, 16])]);
+        let l = locate(Some("gpt_oss"), "model.layers.0.mlp.experts", &p, (8, 16), &gpt).unwrap();
+        assert!(l[0].1 && l[0].2.expert.is_none());
+        // The same tensor in a model whose experts are [E, out, in] does not fit.
+        assert!(locate(Some("qwen3_moe"), "model.layers.0.mlp.experts", &p, (8, 16), &gpt).is_err());
+        let square = finder(vec![("model.layers.0.mlp.experts.gate_up_proj", vec![4, 8, 8])]);
+        let err = locate(Some("unknown_moe"), "model.layers.0.mlp.experts", &p, (8, 8), &square).unwrap_err();
+        assert!(err.to_string().contains("orientation"), "{err}");
+        let l = locate(Some("qwen3_moe"), "model.layers.0.mlp.experts", &p, (8, 8), &square).unwrap();
+        assert!(!l[0].1);
+    }
+}
