@@ -284,3 +284,52 @@ def test_bad_expert_adapters_are_one_line_naming_the_parameter(tmp_path, capsys)
     assert "down_proj" in line and "experts * r" in line, line
     assert {k: v for k, v in digest(tmp_path).items() if k in before} == before, "inputs were modified"
     no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_keeps_experts_and_routers_float_as_transformers_does(tmp_path, arch):
+    """transformers + bitsandbytes quantize only nn.Linear layers: fused experts and routers stay float. The
+    name rule and transformers' own plan (GPT-OSS) give the bytes transformers' save_pretrained writes."""
+    import bitsandbytes  # noqa: F401 - the oracle
+
+    from lorafast import _core
+    from lorafast.quant import NAME_PLAN_MODEL_TYPES, plan_targets
+
+    base = save_moe(tmp_path / "base", arch, "bf16")
+    if arch in NAME_PLAN_MODEL_TYPES:
+        opts = dict(quant_type="nf4", blocksize=64, double_quant=True, compute_dtype="bf16", targets=None)
+        r = _core.quantize_checkpoint(base, tmp_path / "names", **opts)
+        found = sorted(k[: -len(".quant_state.bitsandbytes__nf4")] for k in load_state_dict(r.output) if "__nf4" in k)
+        assert found == sorted(name for name, _ in plan_targets(base))
+    ours = lorafast.quantize(base, tmp_path / "ours", progress=False).output
+    nf4 = dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, **nf4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(base), quantization_config=bnb_config, device_map="cpu"
+    )
+    model.save_pretrained(tmp_path / "theirs")
+    a, b = load_state_dict(ours), load_state_dict(tmp_path / "theirs")
+    assert set(a) == set(b), set(a) ^ set(b)
+    assert all(torch.equal(a[k].view(torch.uint8).flatten(), b[k].view(torch.uint8).flatten()) for k in a)
+    assert any(k.endswith("q_proj.weight.absmax") for k in a) and not any(".experts." in k and "absmax" in k for k in a)
+
+
+def test_merge_into_a_4bit_moe_base(tmp_path):
+    base = save_moe(tmp_path / "base", "qwen3_moe", "bf16")
+    ad = save_moe_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    q = lorafast.quantize(base, tmp_path / "q", progress=False).output
+    dq = lorafast.dequantize(q, tmp_path / "dq", progress=False).output
+    # To float: the 4-bit weights dequantized exactly, the float experts as they are, one rounding each.
+    r = lorafast.merge(q, [ad], tmp_path / "float", progress=False)
+    want = load_state_dict(lorafast.merge(dq, [ad], tmp_path / "ref", progress=False).output)
+    got = load_state_dict(r.output)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    assert any(".experts." in t.name for t in r.tensors), "the report covers every expert"
+    # Back into 4 bits: q_proj re-quantized, the experts (float in a 4-bit base) merged in float.
+    rq = load_state_dict(lorafast.merge(q, [ad], tmp_path / "rq", requantize=True, progress=False).output)
+    assert set(rq) == set(load_state_dict(q))
+    for k, v in rq.items():
+        if ".experts." in k:
+            assert torch.equal(v, want[k]), k
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "rq"), device_map="cpu")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"

@@ -43,3 +43,15 @@ pub fn is_conv1d(model_type: Option<&str>, module: &str) -> bool {
     );
     family && matches!(leaf(module), "c_attn" | "c_proj" | "c_fc" | "q_attn")
 }
+
+/// Mixture-of-experts parameters that transformers 5 holds outside any `nn.Linear`, so bitsandbytes
+/// leaves them in float: the experts (fused into `experts.gate_up_proj` / `down_proj` parameters even
+/// when stored one Linear per expert) and the routers (`*TopKRouter` modules: `mlp.gate`,
+/// `block_sparse_moe.gate`, `mlp.router`).
+pub fn is_moe_parameter(module: &str) -> bool {
+    let parent = module.rsplit_once('.').map_or("", |(p, _)| p);
+    module.contains(".experts.")
+        || module.ends_with(".experts")
+        || (leaf(module) == "gate" && matches!(leaf(parent), "mlp" | "block_sparse_moe"))
+        || (leaf(module) == "router" && leaf(parent) == "mlp")
+}

@@ -12,7 +12,7 @@ use super::{check_blocksize, QuantType, QuantizeOptions};
 use crate::core::checkpoint::Checkpoint;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
-use crate::core::layers::{is_conv1d, is_embedding_or_output, leaf, HEADS, OUTPUTS};
+use crate::core::layers::{is_conv1d, is_embedding_or_output, is_moe_parameter, leaf, HEADS, OUTPUTS};
 use crate::core::merge::{merge, MergeOptions, MergeReport, Mode, QuantizeSpec};
 use crate::core::progress::Progress;
 
@@ -144,8 +144,12 @@ pub fn quantize_targets<'a>(
             let leaf = leaf(module);
             let is_head = HEADS.iter().any(|h| module == *h || module.ends_with(&format!(".{h}")));
             let kept_head = is_head && !contains(&format!("{module}.bias"));
-            let quantizable =
-                shape.len() == 2 && float && !is_embedding_or_output(leaf) && !kept_head && !skipped(module, skip);
+            let quantizable = shape.len() == 2
+                && float
+                && !is_embedding_or_output(leaf)
+                && !is_moe_parameter(module)
+                && !kept_head
+                && !skipped(module, skip);
             quantizable.then(|| (name.to_string(), is_conv1d(model_type, module)))
         })
         .collect()
