@@ -62,9 +62,15 @@ def main() -> None:
             cfg.update(extra)
             put("adapter_folder", name, join(json.dumps(cfg).encode(), (a / "adapter_model.safetensors").read_bytes()))
 
+        expert_seeds()
+
         for quant_type, dq, bs in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 128)):
             q = lorafast.quantize(
-                base, root / f"q-{quant_type}-{dq}-{bs}", quant_type=quant_type, blocksize=bs, double_quant=dq,
+                base,
+                root / f"q-{quant_type}-{dq}-{bs}",
+                quant_type=quant_type,
+                blocksize=bs,
+                double_quant=dq,
                 progress=False,
             ).output
             put(
@@ -72,6 +78,37 @@ def main() -> None:
                 f"{quant_type}-{'dq' if dq else 'plain'}-{bs}",
                 join((q / "config.json").read_bytes(), (q / "model.safetensors").read_bytes()),
             )
+
+
+def expert_seeds() -> None:
+    """Adapters in PEFT's target_parameters layout (A [E*r, in], B [out, E*r]; gate_up_proj nested under
+    base_layer when both parameters are targeted) for the two checkpoints `expert_adapter` plans against:
+    two experts, hidden 8, intermediate 4."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(0)
+    m = "base_model.model.model.layers.0.mlp.experts"
+    gate_up = {f"{m}.base_layer.lora_A.weight": (4, 8), f"{m}.base_layer.lora_B.weight": (8, 4)}
+    down = {f"{m}.lora_A.weight": (4, 4), f"{m}.lora_B.weight": (8, 4)}
+    q = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 8),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (8, 2),
+    }
+    variants = {
+        "experts-both": (["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], {**gate_up, **down, **q}, {}),
+        "experts-down": (["down_proj"], {k.replace(".base_layer", ""): v for k, v in down.items()}, {}),
+        "experts-patterns": (
+            ["gate_up_proj", "down_proj"],
+            {**gate_up, **down},
+            {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"gate_up_proj": 3}, "use_rslora": True},
+        ),
+    }
+    for name, (targets, shapes, extra) in variants.items():
+        cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_parameters": targets, "target_modules": ["q_proj"]}
+        cfg.update(extra)
+        tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        put("expert_adapter", name, join(json.dumps(cfg).encode(), save(tensors)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use crate::core::checkpoint::{Checkpoint, INDEX_NAME, SINGLE_NAME};
+use crate::core::merge::plan::plan;
+use crate::core::merge::source::Base;
+use crate::core::merge::MergeOptions;
 use crate::core::peft::{Adapter, CONFIG_NAME, WEIGHTS_NAME};
 use crate::core::progress::Silent;
 use crate::core::quant::checkpoint::{dequantize_checkpoint, quantized_weights};
@@ -15,10 +18,11 @@ use crate::core::quant::checkpoint::{dequantize_checkpoint, quantized_weights};
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by the name of their corpus folder under `fuzz/corpus/`.
-pub const TARGETS: [(&str, Target); 3] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("safetensors_checkpoint", safetensors_checkpoint),
     ("adapter_folder", adapter_folder),
     ("quantized_checkpoint", quantized_checkpoint),
+    ("expert_adapter", expert_adapter),
 ];
 
 /// Inputs with two files: a 2-byte little-endian length, the first file, then the second.
@@ -98,13 +102,79 @@ pub fn adapter_folder(data: &[u8]) {
     write(&dir, WEIGHTS_NAME, weights);
     if let Ok(adapter) = Adapter::open(&dir) {
         for m in &adapter.modules {
-            assert_eq!(m.a_shape[0], m.r);
+            assert_eq!(m.a_shape[0], m.r * m.param.as_ref().map_or(1, |p| p.experts));
             let _ = adapter.config.alpha_for(&m.module);
             if m.a_shape.iter().product::<usize>() <= READ_LIMIT {
                 adapter.file.read_f32(&m.a).expect("a validated tensor reads back");
             }
         }
         let _ = crate::core::inspect::adapter(&dir);
+    }
+}
+
+/// The two mixture-of-experts checkpoints `expert_adapter` plans against (written once per thread): one
+/// stored per expert (Qwen3-MoE's layout) and one fused (GPT-OSS's), two experts, hidden 8, intermediate 4.
+fn moe_bases() -> [PathBuf; 2] {
+    let root = scratch().with_extension("moe");
+    let bases = [root.join("per_expert"), root.join("fused")];
+    if !bases[1].join(SINGLE_NAME).exists() {
+        let mut rows: Vec<(String, Vec<usize>)> = vec![("model.layers.0.self_attn.q_proj.weight".into(), vec![8, 8])];
+        for e in 0..2 {
+            for (n, shape) in [("gate_proj", [4, 8]), ("up_proj", [4, 8]), ("down_proj", [8, 4])] {
+                rows.push((format!("model.layers.0.mlp.experts.{e}.{n}.weight"), shape.to_vec()));
+            }
+        }
+        let fused = vec![
+            ("model.layers.0.self_attn.q_proj.weight".to_string(), vec![8, 8]),
+            ("model.layers.0.mlp.experts.gate_up_proj".to_string(), vec![2, 8, 8]),
+            ("model.layers.0.mlp.experts.down_proj".to_string(), vec![2, 4, 8]),
+        ];
+        for (dir, (model_type, tensors)) in bases.iter().zip([("qwen3_moe", rows), ("gpt_oss", fused)]) {
+            std::fs::create_dir_all(dir).expect("temporary directory is writable");
+            write(
+                dir,
+                "config.json",
+                format!(r#"{{"model_type": "{model_type}"}}"#).as_bytes(),
+            );
+            write(dir, SINGLE_NAME, &zero_safetensors(&tensors));
+        }
+    }
+    bases
+}
+
+/// A safetensors file of f32 zeros.
+fn zero_safetensors(tensors: &[(String, Vec<usize>)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in tensors {
+        let n = shape.iter().product::<usize>() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let head = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend(head);
+    out.resize(out.len() + offset, 0);
+    out
+}
+
+/// An adapter folder (as in `adapter_folder`) planned for a merge into a per-expert and a fused MoE
+/// checkpoint: `target_parameters`, the nesting of parameter wrappers, expert counts and layouts.
+pub fn expert_adapter(data: &[u8]) {
+    // First: finding the bases empties this input's folder.
+    let bases = moe_bases();
+    let (config, weights) = split(data);
+    let dir = scratch().join("in");
+    write(&dir, CONFIG_NAME, config);
+    write(&dir, WEIGHTS_NAME, weights);
+    for base in bases {
+        let (Ok(base), Ok(adapter)) = (Base::open(&base), Adapter::open(&dir)) else {
+            continue;
+        };
+        let _ = plan(&base, &[adapter], &MergeOptions::default());
     }
 }
 
@@ -147,6 +217,25 @@ mod tests {
                     panic!("{} panics on {}", name, f.display());
                 }
             }
+        }
+    }
+
+    /// The expert seeds reach the planner: both layouts accept them (the fuzzer starts deep, not at a
+    /// parse error).
+    #[test]
+    fn expert_seeds_plan_against_both_layouts() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/expert_adapter");
+        let data = std::fs::read(root.join("seed-experts-both")).expect("seed");
+        let bases = moe_bases();
+        let (config, weights) = split(&data);
+        let dir = scratch().join("in");
+        write(&dir, CONFIG_NAME, config);
+        write(&dir, WEIGHTS_NAME, weights);
+        for base in bases {
+            let base = Base::open(&base).expect("base");
+            let adapter = Adapter::open(&dir).expect("adapter");
+            let p = plan(&base, &[adapter], &MergeOptions::default()).expect("plans");
+            assert!(p.jobs.iter().filter(|j| !j.steps.is_empty()).count() >= 3);
         }
     }
 
