@@ -3,7 +3,11 @@ package and how to install it, not an import error halfway through."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import sys
+from typing import Iterator
 
 from lorafast.errors import MissingDependencyError
 
@@ -31,10 +35,31 @@ def _installed(module: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence what imports print to stderr (bitsandbytes announces the kernels it could not fetch): the
+    check's own outcome is the one line the user sees."""
+    # The file descriptor, not the sys.stderr object: a logging handler made during the import keeps the
+    # object, which stays valid.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _import_error(module: str) -> str | None:
     """Why `module`, which is installed, fails to import (a broken install), or None if it imports."""
     try:
-        importlib.import_module(module)
+        with _quiet_stderr():
+            importlib.import_module(module)
     except Exception as e:  # a broken install can raise anything, not only ImportError
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"{type(e).__name__}: {first}" if first else type(e).__name__
