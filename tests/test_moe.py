@@ -333,3 +333,9 @@ def test_merge_into_a_4bit_moe_base(tmp_path):
             assert torch.equal(v, want[k]), k
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "rq"), device_map="cpu")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    # Merged and quantized in one pass (--quantize): what `lorafast quantize` writes from the merged model.
+    mq = load_state_dict(lorafast.merge(base, [ad], tmp_path / "mq", quantize="nf4", progress=False).output)
+    merged = lorafast.merge(base, [ad], tmp_path / "merged", progress=False).output
+    qm = load_state_dict(lorafast.quantize(merged, tmp_path / "qm", progress=False).output)
+    assert set(mq) == set(qm) and all(torch.equal(mq[k], qm[k]) for k in mq)
+    assert not any(".experts." in k and k.endswith("absmax") for k in mq)
