@@ -205,38 +205,15 @@ impl ExpertSlice {
         segment: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let e = self.expert.unwrap_or(segment);
-        let (ea, eb) = (entry(file, a)?, entry(file, b)?);
-        let (in_f, width) = (ea.shape[1], eb.shape[1]);
-        let a_e = read_rows(file, ea, e * r..(e + 1) * r)?;
-        let rows = read_rows(file, eb, self.rows.clone())?;
+        let a_e = file.read_f32_rows(a, e * r..(e + 1) * r)?;
+        let rows = file.read_f32_rows(b, self.rows.clone())?;
+        let width = rows.len() / self.rows.len().max(1);
         let mut b_e = Vec::with_capacity(self.rows.len() * r);
-        for row in rows.chunks_exact(width) {
+        for row in rows.chunks_exact(width.max(1)) {
             b_e.extend((0..r).map(|k| row[k * self.experts + e]));
         }
-        debug_assert_eq!(a_e.len(), r * in_f);
         Ok((a_e, b_e))
     }
-}
-
-fn entry<'a>(file: &'a SafetensorsFile, name: &str) -> Result<&'a crate::core::io::TensorEntry> {
-    file.get(name).ok_or_else(|| Error::Safetensors {
-        path: file.path.clone(),
-        reason: format!("no tensor named {name}"),
-    })
-}
-
-/// Rows of a 2-D float tensor as f32, reading only their bytes.
-fn read_rows(file: &SafetensorsFile, e: &crate::core::io::TensorEntry, rows: Range<usize>) -> Result<Vec<f32>> {
-    let ft = e.float_type().ok_or_else(|| Error::Safetensors {
-        path: file.path.clone(),
-        reason: format!("tensor {} has dtype {:?}, expected a float type", e.name, e.dtype),
-    })?;
-    let width = e.shape[1];
-    let mut bytes = vec![0u8; rows.len() * width * ft.size()];
-    file.read_bytes(e, (rows.start * width * ft.size()) as u64, &mut bytes)?;
-    let mut out = vec![0f32; rows.len() * width];
-    ft.decode(&bytes, &mut out);
-    Ok(out)
 }
 
 /// How an experts module lays out a 3-D parameter: `[E, in, out]` (true) or `[E, out, in]`.

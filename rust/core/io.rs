@@ -109,6 +109,12 @@ impl SafetensorsFile {
 
     /// A whole float tensor as f32 (adapters: small tensors only).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let rows = self.get(name).map_or(0, |e| e.shape.first().copied().unwrap_or(1));
+        self.read_f32_rows(name, 0..rows)
+    }
+
+    /// Rows of a float tensor (along its first dimension) as f32, reading only their bytes.
+    pub fn read_f32_rows(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let entry = self.get(name).ok_or_else(|| Error::Safetensors {
             path: self.path.clone(),
             reason: format!("no tensor named {name}"),
@@ -117,9 +123,11 @@ impl SafetensorsFile {
             path: self.path.clone(),
             reason: format!("tensor {name} has dtype {:?}, expected a float type", entry.dtype),
         })?;
-        let mut bytes = vec![0u8; entry.len as usize];
-        self.read_bytes(entry, 0, &mut bytes)?;
-        let mut out = vec![0f32; entry.numel()];
+        // A 0-d tensor is one row of one element.
+        let width = entry.numel() / entry.shape.first().copied().unwrap_or(1).max(1);
+        let mut bytes = vec![0u8; rows.len() * width * ft.size()];
+        self.read_bytes(entry, (rows.start * width * ft.size()) as u64, &mut bytes)?;
+        let mut out = vec![0f32; rows.len() * width];
         ft.decode(&bytes, &mut out);
         Ok(out)
     }

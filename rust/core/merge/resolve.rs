@@ -161,18 +161,7 @@ fn resolve_modules(
                 },
             )?;
             for (key, transposed, slice) in landings {
-                let (_, entry) = base.ck.get(&key).expect("resolved names exist");
-                if base.value_type(&key, entry).is_none() {
-                    return Err(Error::unsupported(
-                        &base.ck.dir,
-                        format!(
-                            "parameter {}: base tensor {key} has dtype {:?}; merging needs a float or bitsandbytes \
-                             4-bit weight",
-                            m.pattern_key(),
-                            entry.dtype
-                        ),
-                    ));
-                }
+                check_mergeable(base, &key, &format!("parameter {}", m.pattern_key()))?;
                 let layout = if transposed { Layout::Transposed } else { Layout::Rows };
                 r.contributions
                     .entry(key)
@@ -199,16 +188,8 @@ fn resolve_modules(
                 }
             }
         }
+        check_mergeable(base, &key, &format!("module {}", m.module))?;
         let (_, entry) = base.ck.get(&key).expect("resolved names exist");
-        if base.value_type(&key, entry).is_none() {
-            return Err(Error::unsupported(
-                &base.ck.dir,
-                format!(
-                    "module {}: base tensor {key} has dtype {:?}; merging needs a float or bitsandbytes 4-bit weight",
-                    m.module, entry.dtype
-                ),
-            ));
-        }
         let ws = base.logical_shape(&key, entry);
         let (out_f, in_f) = (m.b_shape[0], m.a_shape[1]);
         let conv1d = is_conv1d(model_type, &m.module);
@@ -270,6 +251,21 @@ fn resolve_modules(
                 "{}: the base {} has no tensor {m}.weight",
                 path.display(),
                 base.ck.dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A LoRA (`what`: the module or parameter) lands only in a float or a bitsandbytes 4-bit weight.
+fn check_mergeable(base: &Base, key: &str, what: &str) -> Result<()> {
+    let (_, entry) = base.ck.get(key).expect("resolved names exist");
+    if base.value_type(key, entry).is_none() {
+        return Err(Error::unsupported(
+            &base.ck.dir,
+            format!(
+                "{what}: base tensor {key} has dtype {:?}; merging needs a float or bitsandbytes 4-bit weight",
+                entry.dtype
             ),
         ));
     }
