@@ -4,6 +4,7 @@ oracle and the input come from the real libraries. Nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,25 @@ def llama_adapter(tmp_path_factory, llama_bf16) -> Path:
         lora_alpha=16,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(llama_cpp_dir):
+    """llama.cpp's own Python binding, loading the libllama scripts/llama_cpp.sh built."""
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(llama_cpp_dir / "build" / "bin")
+    sys.path.insert(0, str(llama_cpp_dir))
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    # Weights run as the file holds them: no repacking into llama.cpp's extra CPU buffer types. Its AMX
+    # one (chosen on CPUs with AMX-INT8) segfaults in ggml_backend_amx_mul_mat on this VM for q8_0 -
+    # a llama.cpp fault, not the file's; the plain CPU path reads the same bytes.
+    default_params = lib.llama_model_default_params
+
+    def without_repacking():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without_repacking
+    return llama_cpp

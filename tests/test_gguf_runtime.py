@@ -12,9 +12,6 @@ cosine >= 0.999 (measured 0.999999); q8_0 and q4_k_m carry their own rounding (m
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 from conftest import minilm_path, save_adapter, save_model, tiny_llama_config
@@ -24,27 +21,6 @@ from lorafast import gguf as lgguf
 pytestmark = pytest.mark.slow
 
 TOKENS = [1, 5, 9, 17, 33, 60, 100, 7, 200, 3]
-
-
-@pytest.fixture(scope="module")
-def llama_cpp(llama_cpp_dir):
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(llama_cpp_dir / "build" / "bin")
-    sys.path.insert(0, str(llama_cpp_dir))
-    import llama_cpp
-    import llama_cpp.llama_cpp as lib
-
-    # Weights run as the file holds them: no repacking into llama.cpp's extra CPU buffer types. Its AMX
-    # one (chosen on CPUs with AMX-INT8) segfaults in ggml_backend_amx_mul_mat on this VM for q8_0 -
-    # a llama.cpp fault, not the file's; the plain CPU path reads the same bytes.
-    default_params = lib.llama_model_default_params
-
-    def without_repacking():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    lib.llama_model_default_params = without_repacking
-    return llama_cpp
 
 
 def logits(llama_cpp, model, lora=None, tokens=TOKENS):

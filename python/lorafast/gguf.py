@@ -168,10 +168,11 @@ def _find(hparams: dict[str, Any], keys: Sequence[str]) -> Any:
     return next((hparams[k] for k in keys if k in hparams), None)
 
 
-def _general(w: Any, model_dir: Path, name: Optional[str], total_params: int) -> None:
+def _general(w: Any, model_dir: Path, name: Optional[str], counts: tuple[int, int, int, int]) -> None:
     """general.* as the converter derives it (`ModelBase.prepare_metadata`): model card, config, folder."""
     import gguf
 
+    total_params = counts[0]
     metadata = gguf.Metadata.load(None, model_dir, name, total_params)
     gen = model_dir / "generation_config.json"
     if metadata.sampling_penalty_repeat is None and gen.is_file():
@@ -183,7 +184,7 @@ def _general(w: Any, model_dir: Path, name: Optional[str], total_params: int) ->
     if metadata.name is None:
         metadata.name = model_dir.name
     if metadata.size_label is None and total_params > 0:
-        metadata.size_label = gguf.size_label(total_params, total_params, 0, 0)
+        metadata.size_label = gguf.size_label(*counts)
     w.add_type(gguf.GGUFType.MODEL)
     metadata.set_gguf_meta_model(w)
 
@@ -234,10 +235,58 @@ def _text_params(w: Any, hparams: dict[str, Any], file_type: int) -> None:
         w.add_layer_norm_rms_eps(v)
     if (v := _find(hparams, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
         w.add_layer_norm_eps(v)
+    _expert_params(w, hparams)
     if (head_dim := hparams.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(file_type)
+
+
+def _expert_params(w: Any, hparams: dict[str, Any]) -> None:
+    """The mixture-of-experts part of `TextModel.set_gguf_parameters`."""
+    import gguf
+
+    if (v := _find(hparams, ["num_local_experts", "num_experts", "n_routed_experts"])) is not None:
+        w.add_expert_count(v)
+    if (v := _find(hparams, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])) is not None:
+        w.add_expert_used_count(v)
+    if (v := hparams.get("n_group")) is not None:
+        w.add_expert_group_count(v)
+    if (v := hparams.get("topk_group")) is not None:
+        w.add_expert_group_used_count(v)
+    score_keys = [
+        "score_function",
+        "scoring_func",
+        "score_func",
+        "moe_router_activation",
+        "moe_router_activation_func",
+        "expert_selection_fn",
+    ]
+    if (fn := _find(hparams, score_keys)) is not None:
+        funcs = {
+            "sigmoid": gguf.ExpertGatingFuncType.SIGMOID,
+            "softmax": gguf.ExpertGatingFuncType.SOFTMAX,
+            "sqrtsoftplus": gguf.ExpertGatingFuncType.SQRTSOFTPLUS,
+        }
+        if fn not in funcs:
+            raise ValueError(f"expert score gating function {fn!r}: convert_hf_to_gguf.py refuses it too")
+        w.add_expert_gating_func(funcs[fn])
+
+
+def _parameter_counts(tensors: Sequence[tuple[str, Sequence[int], str]]) -> tuple[int, int, int, int]:
+    """`GGUFWriter.get_total_parameter_count`: total, shared, per-expert and expert count."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for name, shape, _ in tensors:
+        size = math.prod(shape)
+        if "_exps." in name and len(shape) >= 3:
+            count = shape[-2 if ".bias" in name else -3]
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0
 
 
 def _pooling(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
@@ -440,8 +489,7 @@ def metadata(
     import gguf
 
     w = gguf.GGUFWriter(None, arch)
-    total = sum(math.prod(shape) for _, shape, _ in tensors)
-    _general(w, model_dir, name, total)
+    _general(w, model_dir, name, _parameter_counts(tensors))
     hparams = _hparams(model_dir)
     converter_type = FILE_TYPES[outtype]
     if arch == "gpt2":
@@ -460,6 +508,12 @@ def metadata(
         w.add_rope_dimension_count(rope_dim)
     elif arch == "qwen2":
         _pooling(w, model_dir, hparams)
+    elif arch in ("qwen2moe", "qwen3moe"):
+        # Qwen2MoeModel.set_gguf_parameters (Qwen3MoeModel inherits it).
+        if (v := hparams.get("moe_intermediate_size")) is not None:
+            w.add_expert_feed_forward_length(v)
+        if (v := hparams.get("shared_expert_intermediate_size")) is not None:
+            w.add_expert_shared_feed_forward_length(v)
     elif arch == "bert":
         w.add_causal_attention(False)
         _pooling(w, model_dir, hparams)
@@ -477,6 +531,7 @@ def metadata(
     elif arch == "bert":
         _vocab_bert(w, model_dir, hparams)
     else:
+        # GPT-2, and the Qwen MoE models (TextModel.set_vocab).
         _vocab_gpt2(w, model_dir, hparams)
     kv = w.kv_data[0]
     if file_type != outtype:

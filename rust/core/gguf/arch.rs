@@ -5,6 +5,8 @@
 pub enum Arch {
     Llama,
     Qwen2,
+    Qwen2Moe,
+    Qwen3Moe,
     Bert,
     Gpt2,
 }
@@ -25,10 +27,13 @@ pub enum Transform {
 /// its tensor names lack the `model.` prefix the name map expects.
 pub fn arch_of(hf_arch: &str) -> Option<(Arch, bool)> {
     Some(match hf_arch {
-        "LlamaForCausalLM" | "MistralForCausalLM" => (Arch::Llama, false),
+        // Mixtral is llama with experts (`LlamaModel` registers it).
+        "LlamaForCausalLM" | "MistralForCausalLM" | "MixtralForCausalLM" => (Arch::Llama, false),
         "LlamaModel" => (Arch::Llama, true),
         "Qwen2ForCausalLM" => (Arch::Qwen2, false),
         "Qwen2Model" => (Arch::Qwen2, true),
+        "Qwen2MoeForCausalLM" => (Arch::Qwen2Moe, false),
+        "Qwen3MoeForCausalLM" => (Arch::Qwen3Moe, false),
         "BertModel" => (Arch::Bert, false),
         // GPT-2's tensors map (below), but nothing checks them against the converter yet: llama.cpp only
         // converts GPT-2 tokenizers whose pre-tokenizer it knows, and none is available offline.
@@ -42,6 +47,8 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
             Arch::Bert => "bert",
             Arch::Gpt2 => "gpt2",
         }
@@ -104,13 +111,13 @@ pub fn map_tensor(
         _ => return Err(unmapped()),
     };
     let mapped = match arch {
-        Arch::Llama | Arch::Qwen2 => {
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3Moe => {
             let full = if prefix_model {
                 format!("model.{stem}")
             } else {
                 stem.to_string()
             };
-            llama_name(&full)
+            llama_name(arch, &full)
         }
         Arch::Bert => bert_tensor(stem),
         Arch::Gpt2 => {
@@ -151,7 +158,7 @@ fn block<'a>(stem: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
     Some((n.parse().ok()?, rest))
 }
 
-fn llama_name(stem: &str) -> Option<String> {
+fn llama_name(arch: Arch, stem: &str) -> Option<String> {
     let top = match stem {
         "model.embed_tokens" => Some("token_embd"),
         "lm_head" => Some("output"),
@@ -162,6 +169,7 @@ fn llama_name(stem: &str) -> Option<String> {
         return Some(t.into());
     }
     let (n, rest) = block(stem, "model.layers.")?;
+    let moe = matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe);
     let t = match rest {
         "input_layernorm" => "attn_norm",
         "self_attn.q_proj" => "attn_q",
@@ -169,12 +177,65 @@ fn llama_name(stem: &str) -> Option<String> {
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
         "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
+        // The MoE architectures' tensor lists have no dense FFN (a dense layer does not convert).
+        "mlp.gate_proj" if !moe => "ffn_gate",
+        "mlp.up_proj" if !moe => "ffn_up",
+        "mlp.down_proj" if !moe => "ffn_down",
+        // The router, and Qwen2-MoE's shared expert with its gate (the architectures whose tensor lists
+        // have them).
+        "mlp.gate" if arch != Arch::Llama => "ffn_gate_inp",
+        "block_sparse_moe.gate" if arch == Arch::Llama => "ffn_gate_inp",
+        "mlp.shared_expert.gate_proj" if arch == Arch::Qwen2Moe => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" if arch == Arch::Qwen2Moe => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" if arch == Arch::Qwen2Moe => "ffn_down_shexp",
+        "mlp.shared_expert_gate" if arch == Arch::Qwen2Moe => "ffn_gate_inp_shexp",
+        "self_attn.q_norm" if arch == Arch::Qwen3Moe => "attn_q_norm",
+        "self_attn.k_norm" if arch == Arch::Qwen3Moe => "attn_k_norm",
         _ => return None,
     };
     Some(format!("blk.{n}.{t}"))
+}
+
+/// One expert's matrix of a per-expert checkpoint, which the converter stacks with its layer's other
+/// experts into one 3-D tensor (`blk.{layer}.ffn_{gate,up,down}_exps.weight`, expert-major).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertTensor {
+    pub layer: usize,
+    pub expert: usize,
+    /// Where the stacked tensor comes in the converter's output among the layer's three: it yields
+    /// them in this order once the layer's last expert tensor has been read.
+    pub slot: usize,
+    pub gguf_name: String,
+}
+
+/// The stacked tensor HF tensor `name` belongs to, for the architectures the converter stacks.
+pub fn expert_tensor(arch: Arch, name: &str) -> Option<ExpertTensor> {
+    let stem = name.strip_suffix(".weight")?;
+    let (layer, rest) = block(stem, "model.layers.")?;
+    // Qwen2MoeModel.modify_tensors yields down, gate, up; LlamaModel (Mixtral) w1, w2, w3.
+    let (experts, kinds): (&str, &[(&str, &str)]) = match arch {
+        Arch::Qwen2Moe | Arch::Qwen3Moe => (
+            "mlp.experts.",
+            &[
+                ("down_proj", "ffn_down_exps"),
+                ("gate_proj", "ffn_gate_exps"),
+                ("up_proj", "ffn_up_exps"),
+            ],
+        ),
+        Arch::Llama => (
+            "block_sparse_moe.experts.",
+            &[("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")],
+        ),
+        _ => return None,
+    };
+    let (e, kind) = rest.strip_prefix(experts)?.split_once('.')?;
+    let slot = kinds.iter().position(|(k, _)| *k == kind)?;
+    Some(ExpertTensor {
+        layer,
+        expert: e.parse().ok()?,
+        slot,
+        gguf_name: format!("blk.{layer}.{}.weight", kinds[slot].1),
+    })
 }
 
 fn bert_tensor(stem: &str) -> Option<String> {

@@ -52,6 +52,8 @@ fn check_expressible(adapter: &Adapter) -> Result<()> {
         Some("per-module alpha (alpha_pattern; llama.cpp's format has one alpha)")
     } else if c.lora_bias {
         Some("lora_bias (llama.cpp's format has no LoRA bias)")
+    } else if adapter.modules.iter().any(|m| m.param.is_some()) {
+        Some("LoRA on expert parameters (target_parameters; llama.cpp's LoRA format has no per-expert factors)")
     } else if !adapter.saved.is_empty() {
         Some("tensors saved in full (modules_to_save or new embeddings; llama.cpp applies only A and B)")
     } else {
@@ -79,7 +81,7 @@ fn plan_all(adapter: &Adapter, base: &Checkpoint, outtype: FileType) -> Result<L
     let (arch, prefix_model) = arch::arch_of(hf_arch).ok_or_else(|| {
         Error::unsupported(
             &base.dir,
-            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Qwen2 and BERT models"),
+            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE and BERT models"),
         )
     })?;
     let n_head = config_usize(base, &["n_heads", "num_attention_heads"]).unwrap_or(0);

@@ -16,7 +16,7 @@ pub mod lora;
 pub mod quants;
 pub mod types;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -53,14 +53,15 @@ pub struct GgufOptions {
 #[derive(Debug, Clone)]
 pub struct GgufTensor {
     pub info: TensorInfo,
-    /// The merged model's tensor (the merge job's output name).
-    pub hf_name: String,
+    /// The merged model's tensors it is made of (merge job output names): one, or a layer's experts in
+    /// expert order for a stacked expert tensor; none for a tensor the converter computes.
+    pub sources: Vec<String>,
     /// The merged model's dtype for it (the values the converter would read).
     pub source: FloatType,
     /// The converter's type, which a llama-quantize mix starts from (values are rounded through it).
     pub converted: GgmlType,
     pub transform: Transform,
-    /// The merged tensor as rows x cols (a vector is one row).
+    /// The merged tensor as rows x cols (a vector is one row; stacked experts are their rows in turn).
     pub rows: usize,
     pub cols: usize,
 }
@@ -107,7 +108,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
     let (arch, prefix_model) = arch::arch_of(&hf_arch).ok_or_else(|| {
         Error::unsupported(
             dir,
-            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Qwen2 and BERT models"),
+            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE and BERT models"),
         )
     })?;
     let n_head = config_usize(base, &["n_heads", "num_attention_heads", "n_head"]).unwrap_or(0);
@@ -151,7 +152,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
                 ty: GgmlType::F32,
                 trim_dims: false,
             },
-            hf_name: String::new(), // no merge job writes it
+            sources: Vec::new(), // no merge job writes it
             source: FloatType::F32,
             converted: GgmlType::F32,
             transform: Transform::None,
@@ -159,33 +160,101 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             cols: values.len(),
         })
         .collect();
+    let float_source = |i: usize| -> Result<(FloatType, usize, usize)> {
+        let (name, out) = (&merge_plan.jobs[i].out_name, &planned[i][0].0);
+        let source = float_type(out.dtype).ok_or_else(|| {
+            Error::unsupported(
+                dir,
+                format!("tensor {name}: dtype {:?} has no GGUF float type", out.dtype),
+            )
+        })?;
+        match out.shape.as_slice() {
+            [n] => Ok((source, 1, *n)),
+            [r, c] => Ok((source, *r, *c)),
+            other => Err(Error::unsupported(
+                dir,
+                format!("tensor {name}: shape {other:?}; lorafast's GGUF writer takes vectors and matrices"),
+            )),
+        }
+    };
+    // The converter's expert count (Qwen2MoeModel: num_local_experts or num_experts; LlamaModel, for
+    // Mixtral: num_local_experts).
+    let n_experts = match arch {
+        Arch::Llama => config_usize(base, &["num_local_experts"]),
+        _ => config_usize(base, &["num_local_experts", "num_experts"]),
+    };
+    // A layer's expert matrices as read, (slot, expert) -> job, until the layer has all of them: then the
+    // converter yields its three stacked tensors.
+    let mut experts: BTreeMap<usize, HashMap<(usize, usize), usize>> = BTreeMap::new();
     for i in order {
         let job = &merge_plan.jobs[i];
+        if let Some(x) = arch::expert_tensor(arch, &job.out_name) {
+            let n = n_experts.filter(|&n| x.expert < n).ok_or_else(|| {
+                Error::json(
+                    dir.join("config.json"),
+                    format!(
+                        "tensor {}: expert {} but the config's expert count is {:?} (num_local_experts / num_experts)",
+                        job.out_name, x.expert, n_experts
+                    ),
+                )
+            })?;
+            let layer = experts.entry(x.layer).or_default();
+            layer.insert((x.slot, x.expert), i);
+            if layer.len() < 3 * n {
+                continue;
+            }
+            let layer = experts.remove(&x.layer).expect("present");
+            for slot in 0..3 {
+                let jobs: Vec<usize> = (0..n)
+                    .map(|e| {
+                        layer.get(&(slot, e)).copied().ok_or_else(|| {
+                            Error::unsupported(
+                                dir,
+                                format!("layer {}: expert {e} lacks a matrix its other experts have", x.layer),
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let first = float_source(jobs[0])?;
+                for &j in &jobs {
+                    if float_source(j)? != first || first.1 == 1 {
+                        return Err(Error::unsupported(
+                            dir,
+                            format!(
+                                "tensor {}: not a matrix of the dtype and shape of {} (the converter stacks them)",
+                                merge_plan.jobs[j].out_name, merge_plan.jobs[jobs[0]].out_name
+                            ),
+                        ));
+                    }
+                }
+                let (source, rows, cols) = first;
+                let name = arch::expert_tensor(arch, &merge_plan.jobs[jobs[0]].out_name)
+                    .map(|x| x.gguf_name)
+                    .unwrap_or_default();
+                tensors.push(GgufTensor {
+                    info: TensorInfo {
+                        name,
+                        shape: vec![n, rows, cols],
+                        ty: GgmlType::F32,
+                        trim_dims: false,
+                    },
+                    sources: jobs.iter().map(|&j| merge_plan.jobs[j].out_name.clone()).collect(),
+                    source,
+                    converted: GgmlType::F32,
+                    transform: Transform::None,
+                    rows: n * rows,
+                    cols,
+                });
+            }
+            continue;
+        }
         let Some((gguf_name, transform)) = arch::map_tensor(arch, prefix_model, heads, &job.out_name)
             .map_err(|reason| Error::unsupported(dir, reason))?
         else {
             continue;
         };
         let out = &planned[i][0].0;
-        let source = float_type(out.dtype).ok_or_else(|| {
-            Error::unsupported(
-                dir,
-                format!("tensor {}: dtype {:?} has no GGUF float type", job.out_name, out.dtype),
-            )
-        })?;
-        let (rows, cols) = match out.shape.as_slice() {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            other => {
-                return Err(Error::unsupported(
-                    dir,
-                    format!(
-                        "tensor {}: shape {other:?}; lorafast's GGUF writer takes vectors and matrices",
-                        job.out_name
-                    ),
-                ))
-            }
-        };
+        let (source, rows, cols) = float_source(i)?;
         let shape = match transform {
             Transform::Transpose => vec![cols, rows],
             _ => out.shape.clone(),
@@ -209,13 +278,23 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
                 ty: GgmlType::F32,
                 trim_dims: false,
             },
-            hf_name: job.out_name.clone(),
+            sources: vec![job.out_name.clone()],
             source,
             converted: GgmlType::F32,
             transform,
             rows,
             cols,
         });
+    }
+    if let Some((layer, got)) = experts.first_key_value() {
+        return Err(Error::unsupported(
+            dir,
+            format!(
+                "layer {layer}: {} of the {} expert matrices the converter stacks (it refuses such a model)",
+                got.len(),
+                3 * n_experts.unwrap_or(0)
+            ),
+        ));
     }
     let outtype = if opts.file_type.is_quantize_mix() {
         // llama-quantize starts from the converter's output in the model's own dtype.
@@ -304,8 +383,14 @@ pub fn write(
             .tensors
             .iter()
             .enumerate()
-            .filter(|(_, t)| !t.hf_name.is_empty())
-            .map(|(i, t)| (t.hf_name.clone(), i))
+            .flat_map(|(i, t)| {
+                // A stacked tensor's experts follow one another, each rows/len of its rows.
+                let part = t.rows * t.cols / t.sources.len().max(1);
+                t.sources
+                    .iter()
+                    .enumerate()
+                    .map(move |(k, s)| (s.clone(), (i, k * part)))
+            })
             .collect(),
         tensors: &gplan.tensors,
         held: Mutex::new(HashMap::new()),
@@ -357,7 +442,8 @@ fn same_encoding(src: FloatType, ty: GgmlType, bytes: &[u8]) -> bool {
 /// Receives the merged model's tensors, tile by tile in its float encoding, and writes their GGUF form.
 struct GgufDest<'a> {
     out: &'a GgufFile,
-    by_name: HashMap<String, usize>,
+    /// Merged tensor -> (GGUF tensor, the element of it where the merged tensor starts).
+    by_name: HashMap<String, (usize, usize)>,
     tensors: &'a [GgufTensor],
     /// Transposed tensors are gathered whole before their rows exist: tensor -> (values, filled).
     held: Mutex<HashMap<usize, (Vec<f32>, usize)>>,
@@ -456,31 +542,32 @@ impl GgufDest<'_> {
 
 impl Dest for GgufDest<'_> {
     fn write(&self, tensor: &str, at: u64, bytes: &[u8]) -> Result<()> {
-        let Some(&i) = self.by_name.get(tensor) else {
+        let Some(&(i, first)) = self.by_name.get(tensor) else {
             return Ok(()); // a tensor the converter drops
         };
         let t = &self.tensors[i];
         let src = t.source;
         if t.transform == Transform::None && same_encoding(src, t.info.ty, bytes) {
             // The converter's output holds these bytes unchanged: write them as they are.
-            return self.put(self.out.offsets[i] + at, bytes);
+            return self.put(self.out.offsets[i] + (first * src.size()) as u64 + at, bytes);
         }
         let mut values = vec![0f32; bytes.len() / src.size()];
         src.decode(bytes, &mut values);
-        self.values(i, at as usize / src.size(), &mut values)
+        self.values(i, first + at as usize / src.size(), &mut values)
     }
 
     fn copy(&self, tensor: &str, file: &SafetensorsFile, entry: &TensorEntry) -> Result<()> {
-        let Some(&i) = self.by_name.get(tensor) else {
+        let Some(&(i, _)) = self.by_name.get(tensor) else {
             return Ok(());
         };
         let t = &self.tensors[i];
         let size = t.source.size();
+        let rows = t.rows / t.sources.len().max(1);
         // Whole rows at a time, about 64 Ki elements.
         let chunk_rows = ((1 << 16) / t.cols.max(1)).max(1);
         let mut bytes = Vec::new();
-        for r0 in (0..t.rows).step_by(chunk_rows) {
-            let n = chunk_rows.min(t.rows - r0);
+        for r0 in (0..rows).step_by(chunk_rows) {
+            let n = chunk_rows.min(rows - r0);
             bytes.resize(n * t.cols * size, 0);
             file.read_bytes(entry, (r0 * t.cols * size) as u64, &mut bytes)?;
             self.write(tensor, (r0 * t.cols * size) as u64, &bytes)?;
@@ -500,10 +587,11 @@ impl Dest for GgufDest<'_> {
         values: &mut [f32],
         buf: &mut Vec<u8>,
     ) -> Result<bool> {
-        let Some(&i) = self.by_name.get(tensor) else {
+        let Some(&(i, first)) = self.by_name.get(tensor) else {
             return Ok(false); // a tensor the converter drops
         };
         let g = &self.tensors[i];
+        let start = first + start;
         if g.transform == Transform::None && GgmlType::of_float(t) == g.info.ty {
             // The converter keeps the merged model's bytes (merged NaNs are all quiet: no scan).
             buf.resize(values.len() * t.size(), 0);
@@ -544,7 +632,7 @@ mod tests {
                     ty: GgmlType::F32,
                     trim_dims: false,
                 },
-                hf_name: "q".into(),
+                sources: vec!["q".into()],
                 source: FloatType::F32,
                 converted: GgmlType::F32,
                 transform: Transform::Permute { heads },

@@ -80,7 +80,10 @@ impl FileType {
 /// vectors, norms, biases, position embeddings and token types stay F32; q8_0 falls back to F16 for
 /// rows that are not whole blocks.
 pub fn converter_type(name: &str, shape: &[usize], outtype: FileType) -> GgmlType {
-    let forced_f32 = matches!(name, "position_embd.weight" | "token_types.weight");
+    // The router and the shared expert's gate stay f32 (the converter's list, as llama-quantize's).
+    let forced_f32 = matches!(name, "position_embd.weight" | "token_types.weight")
+        || name.ends_with(".ffn_gate_inp.weight")
+        || name.ends_with(".ffn_gate_inp_shexp.weight");
     let suffix_ok = name.ends_with(".weight") || name.ends_with(".lora_a") || name.ends_with(".lora_b");
     if shape.len() <= 1 || name.ends_with("_norm.weight") || forced_f32 || !suffix_ok {
         return GgmlType::F32;
