@@ -18,7 +18,7 @@ import torch
 import transformers
 from conftest import peft, with_gpt2_tokenizer
 from helpers import cli_error, no_leftovers
-from test_gguf import assert_same_file, with_sentencepiece_tokenizer
+from test_gguf import MIXES, assert_same_file, llama_quantize, with_sentencepiece_tokenizer
 from test_gguf_runtime import TOKENS, logits, rel_err
 from test_moe import EXPERTS
 
@@ -126,10 +126,12 @@ def moe_bf16(request, tmp_path_factory):
     return request.param, base, adapter, merged
 
 
-@pytest.mark.parametrize("file_type", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("file_type", ["f32", "f16", "bf16", "q8_0", *MIXES])
 def test_moe_gguf_is_byte_identical_to_the_converter(llama_cpp_dir, moe_bf16, tmp_path, known_pre_tokenizer, file_type):
     arch, base, adapter, merged = moe_bf16
-    theirs = convert(llama_cpp_dir, merged, file_type, tmp_path / "theirs.gguf")
+    theirs = convert(llama_cpp_dir, merged, "bf16" if file_type in MIXES else file_type, tmp_path / "theirs.gguf")
+    if file_type in MIXES:
+        theirs = llama_quantize(llama_cpp_dir, theirs, tmp_path / "theirs-q.gguf", MIXES[file_type])
     ours = tmp_path / "ours.gguf"
     report = lgguf.to_gguf(base, [adapter], ours, type=file_type, name="tiny", progress=False)
     assert_same_file(ours, theirs)

@@ -314,7 +314,15 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
         let names: Vec<&str> = tensors.iter().map(|t| t.info.name.as_str()).collect();
         let order = types::quantize_order(&names);
         let n_layer = config_usize(base, &["n_layers", "num_hidden_layers", "n_layer", "num_layers"]).unwrap_or(0);
-        let mut mix = types::QuantizeMix::new(opts.file_type, arch, &names, n_layer, heads.n_head, heads.n_head_kv);
+        let mut mix = types::QuantizeMix::new(
+            opts.file_type,
+            arch,
+            &names,
+            n_layer,
+            heads.n_head,
+            heads.n_head_kv,
+            n_experts.unwrap_or(0),
+        );
         let mut reordered = Vec::with_capacity(tensors.len());
         for i in order {
             let mut t = tensors[i].clone();

@@ -106,6 +106,9 @@ pub struct QuantizeMix {
     tied_embeddings: bool,
     /// Llama with 80 layers and grouped-query attention (`LLM_TYPE_70B`).
     is_70b: bool,
+    /// `{arch}.expert_count` (0 for a dense model): 8 experts get more bits in attention; with experts,
+    /// ffn_down's layer is read from its name.
+    n_expert: usize,
 }
 
 /// `ggml_n_dims`: trailing extents of 1 do not count (GGUF dims are numpy's shape reversed).
@@ -116,7 +119,15 @@ pub fn ggml_n_dims(shape: &[usize]) -> usize {
 
 impl QuantizeMix {
     /// `names` are every GGUF tensor name; `n_layer` is `{arch}.block_count`.
-    pub fn new(ftype: FileType, arch: Arch, names: &[&str], n_layer: usize, n_head: usize, n_head_kv: usize) -> Self {
+    pub fn new(
+        ftype: FileType,
+        arch: Arch,
+        names: &[&str],
+        n_layer: usize,
+        n_head: usize,
+        n_head_kv: usize,
+        n_expert: usize,
+    ) -> Self {
         let n_attention_wv = names
             .iter()
             .filter(|n| n.contains("attn_v.weight") || n.contains("attn_qkv.weight") || n.contains("attn_kv_b.weight"))
@@ -129,6 +140,7 @@ impl QuantizeMix {
             i_ffn_down: 0,
             tied_embeddings: !names.contains(&"output.weight"),
             is_70b: arch == Arch::Llama && n_layer == 80 && n_head != n_head_kv,
+            n_expert,
         }
     }
 
@@ -158,10 +170,22 @@ impl QuantizeMix {
                 if self.is_70b && t == GgmlType::Q4K {
                     t = GgmlType::Q5K;
                 }
+                if self.n_expert == 8 {
+                    t = GgmlType::Q8_0; // "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+                }
                 self.i_attention_wv += 1;
             }
+            Category::AttnK if self.n_expert == 8 => t = GgmlType::Q8_0,
+            Category::AttnOutput if self.n_expert == 8 && self.ftype == FileType::Q4KM => t = GgmlType::Q5K,
+            Category::AttnK | Category::AttnOutput => {}
             Category::FfnDown => {
-                if k_mix && use_more_bits(self.i_ffn_down, self.n_layer) {
+                // Experts are not consecutive in the file: llama-quantize takes the layer from the name.
+                let layer = if self.n_expert > 1 {
+                    layer_of(name).unwrap_or(self.i_ffn_down)
+                } else {
+                    self.i_ffn_down
+                };
+                if k_mix && use_more_bits(layer, self.n_layer) {
                     t = GgmlType::Q6K;
                 }
                 self.i_ffn_down += 1;
@@ -176,6 +200,7 @@ fn allows_quantization(name: &str, shape: &[usize]) -> bool {
     ggml_n_dims(shape) >= 2
         && name.ends_with("weight")
         && !name.contains("_norm.weight")
+        && !name.contains("ffn_gate_inp.weight") // the router
         && name != "position_embd.weight"
         && name != "token_types.weight"
 }
@@ -186,8 +211,15 @@ enum Category {
     TokenEmbd,
     AttnQkv,
     AttnV,
+    AttnK,
+    AttnOutput,
     FfnDown,
     Other,
+}
+
+/// N of a `blk.N.` name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
 }
 
 /// `tensor_get_category`, reduced to the categories whose rules apply to these mixes.
@@ -200,16 +232,13 @@ fn category(name: &str) -> Category {
         Category::AttnQkv
     } else if name.contains("attn_v.weight") {
         Category::AttnV
-    } else if [
-        "attn_k.weight",
-        "attn_q.weight",
-        "attn_output.weight",
-        "ffn_up",
-        "ffn_gate",
-    ]
-    .iter()
-    .any(|p| name.contains(p))
-    {
+    } else if name.contains("attn_k.weight") {
+        Category::AttnK
+    } else if name.contains("attn_q.weight") {
+        Category::Other
+    } else if name.contains("attn_output.weight") {
+        Category::AttnOutput
+    } else if ["ffn_up", "ffn_gate"].iter().any(|p| name.contains(p)) {
         Category::Other
     } else if name.contains("ffn_down") {
         Category::FfnDown
@@ -262,7 +291,7 @@ mod tests {
         let layers = |n: usize| -> Vec<usize> {
             let names: Vec<String> = (0..n).map(|i| format!("blk.{i}.attn_v.weight")).collect();
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let mut mix = QuantizeMix::new(FileType::Q4KM, Arch::Llama, &refs, n, 8, 8);
+            let mut mix = QuantizeMix::new(FileType::Q4KM, Arch::Llama, &refs, n, 8, 8, 0);
             (0..n)
                 .filter(|&i| mix.next(&names[i], &[4096, 4096], GgmlType::BF16) == GgmlType::Q6K)
                 .collect()
@@ -277,7 +306,7 @@ mod tests {
     #[test]
     fn tied_embeddings_fallbacks_and_copies() {
         let names = ["token_embd.weight", "blk.0.ffn_up.weight", "blk.0.attn_norm.weight"];
-        let mut mix = QuantizeMix::new(FileType::Q4_0, Arch::Qwen2, &names, 1, 2, 2);
+        let mut mix = QuantizeMix::new(FileType::Q4_0, Arch::Qwen2, &names, 1, 2, 2, 0);
         assert_eq!(
             mix.next("token_embd.weight", &[1000, 896], GgmlType::BF16),
             GgmlType::Q8_0
@@ -287,7 +316,7 @@ mod tests {
             GgmlType::Q4_0
         );
         assert_eq!(mix.next("blk.0.attn_norm.weight", &[896], GgmlType::F32), GgmlType::F32);
-        let mut mix = QuantizeMix::new(FileType::Q4KM, Arch::Bert, &names, 1, 2, 2);
+        let mut mix = QuantizeMix::new(FileType::Q4KM, Arch::Bert, &names, 1, 2, 2, 0);
         assert_eq!(
             mix.next("blk.0.ffn_up.weight", &[1536, 384], GgmlType::F32),
             GgmlType::Q5_0
