@@ -1,0 +1,116 @@
+"""Adapter commands on MoE adapters whose LoRA sits on fused expert parameters (PEFT's target_parameters):
+inspect reports each expert's change, checked against PEFT's own ParamWrapper.get_delta_weight in float64."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import peft
+from test_moe import EXPERTS, per_expert_adapter, save_moe
+
+import lorafast
+from lorafast.cli import main as cli
+
+pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
+
+ZEROED = (1, 3)  # experts whose B is zeroed in layer 1's gate_up_proj
+
+
+def moe_peft_model(base, *, seed=1, **lora):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+    lora.setdefault("target_parameters", EXPERTS)
+    cfg = peft.LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **lora)
+    return peft.get_peft_model(model, cfg)
+
+
+def param_wrappers(pm):
+    """(module path as lorafast names it, parameter) -> PEFT's ParamWrapper."""
+    out = {}
+    for name, mod in pm.named_modules():
+        if isinstance(mod, peft.tuners.lora.layer.ParamWrapper):
+            module = name.removeprefix("base_model.model.")
+            while module.endswith(".base_layer"):
+                module = module.removesuffix(".base_layer")
+            out[(module, mod.parameter_name)] = mod
+    return out
+
+
+@pytest.fixture(scope="module")
+def zeroed_adapter(tmp_path_factory):
+    """A qwen3_moe adapter on both expert parameters and q_proj, with some experts' B zero, and PEFT's per-expert
+    delta norms of it in float64."""
+    root = tmp_path_factory.mktemp("inspect")
+    base = save_moe(root / "base", "qwen3_moe", "fp32")
+    pm = moe_peft_model(base, r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern={"down_proj": 2})
+    wrappers = param_wrappers(pm)
+    layer1 = wrappers[("model.layers.1.mlp.experts", "gate_up_proj")]
+    num_experts = layer1.num_experts
+    with torch.no_grad():
+        b = layer1.lora_B["default"].weight  # [out, r * E], rank-major: expert e's columns e, e + E, ...
+        for e in ZEROED:
+            b[:, e::num_experts] = 0
+    pm.save_pretrained(root / "adapter")
+    pm.double()
+    truth = {}
+    with torch.no_grad():
+        for key, w in wrappers.items():
+            delta = w.get_delta_weight("default")  # [E, ., .]
+            truth[key] = [float(torch.linalg.matrix_norm(d)) for d in delta]
+    return root / "adapter", truth, num_experts
+
+
+def test_inspect_reports_each_experts_change_as_peft_computes_it(zeroed_adapter):
+    adapter, truth, num_experts = zeroed_adapter
+    info = lorafast.inspect_adapter(adapter)
+    params = {(m["module"], m["param"]): m for m in info["modules"] if m["param"]}
+    assert set(params) == set(truth)
+    for key, want in truth.items():
+        m = params[key]
+        assert m["kind"] == "parameter" and len(m["expert_norms"]) == num_experts
+        # Both sides are float64 sums over the same float32 factors: they differ by float64 rounding of
+        # ||B_e||^2 ||A_e||^2-sized sums (Gram trick vs product), far below 1e-9 of the norms.
+        scale = max(want)
+        for e, (got, w) in enumerate(zip(m["expert_norms"], want)):
+            assert abs(got - w) <= 1e-9 * scale, (key, e, got, w)
+        # The experts' deltas are separate matrices: their norms add in squares.
+        assert m["delta_norm"] == pytest.approx(sum(x * x for x in want) ** 0.5, rel=1e-9)
+    zero = params[("model.layers.1.mlp.experts", "gate_up_proj")]["expert_norms"]
+    assert [e for e, x in enumerate(zero) if x == 0.0] == list(ZEROED)
+    for key, m in params.items():
+        if key != ("model.layers.1.mlp.experts", "gate_up_proj"):
+            assert all(x > 0 for x in m["expert_norms"]), key
+    plain = [m for m in info["modules"] if not m["param"]]
+    assert plain and all(m["expert_norms"] == [] and m["kind"] == "linear" for m in plain)
+
+
+def test_inspect_cli_prints_per_expert_summary_and_full_json(zeroed_adapter, capsys):
+    adapter, truth, num_experts = zeroed_adapter
+    assert cli(["inspect", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("model.layers.1.mlp.experts.gate_up_proj "))
+    assert f"{num_experts} experts" in line and f"unchanged: {len(ZEROED)}" in line
+    want = truth[("model.layers.1.mlp.experts", "gate_up_proj")]
+    top = max(range(num_experts), key=lambda e: want[e])
+    assert f"top: {top} (" in line
+    down = next(x for x in out.splitlines() if x.strip().startswith("model.layers.1.mlp.experts.down_proj "))
+    assert "unchanged" not in down
+    assert cli(["inspect", str(adapter), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    got = {(m["module"], m["param"]): m["expert_norms"] for m in info["modules"] if m["param"]}
+    assert {k: len(v) for k, v in got.items()} == {k: num_experts for k in truth}
+
+
+def test_inspect_of_a_per_expert_linear_adapter_lists_each_expert_module(tmp_path, capsys):
+    base = save_moe(tmp_path / "base", "qwen3_moe", "fp32")
+    ad = per_expert_adapter(base, tmp_path / "ad", "qwen3_moe", rslora=False)
+    info = lorafast.inspect_adapter(ad)
+    names = {m["module"] for m in info["modules"]}
+    assert "model.layers.1.mlp.experts.0.gate_proj" in names and "model.layers.1.mlp.experts.7.down_proj" in names
+    assert all(m["param"] is None and m["expert_norms"] == [] for m in info["modules"])
+    assert cli(["inspect", str(ad), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "per expert" not in out and ".experts." in out
