@@ -114,3 +114,76 @@ def test_inspect_of_a_per_expert_linear_adapter_lists_each_expert_module(tmp_pat
     assert cli(["inspect", str(ad), "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "per expert" not in out and ".experts." in out
+
+
+# ----------------------------------------------------------------------------------------------- resize
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def expert_deltas(base, adapter) -> dict:
+    """(module, parameter) -> PEFT's own per-expert deltas [E, ., .] of the adapter, in float64."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float64)
+    pm = peft.PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)
+    with torch.no_grad():
+        return {k: w.get_delta_weight("default").double() for k, w in param_wrappers(pm).items()}
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss"])
+def moe_adapter(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"resize_{request.param}")
+    base = save_moe(root / "base", request.param, "fp32")
+    pm = moe_peft_model(base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    pm.save_pretrained(root / "adapter")
+    return base, root / "adapter", expert_deltas(base, root / "adapter")
+
+
+def test_resize_at_or_above_the_rank_is_exact_per_expert_and_loads_in_peft(tmp_path, moe_adapter):
+    base, adapter, truth = moe_adapter
+    report = lorafast.resize(adapter, tmp_path / "out", rank=6, progress=False)
+    got = expert_deltas(base, report.output)  # PeftModel.from_pretrained loads it
+    assert set(got) == set(truth)
+    for key, d in truth.items():
+        # The factors re-derived from an SVD of fp32 factors and rounded to fp32: a few eps of each expert's
+        # delta per rank component.
+        tol = 8 * EPS32 * 4 * torch.linalg.matrix_norm(d).max()
+        assert float((got[key] - d).abs().max()) <= tol, key
+    mods = {m.module: m for m in report.modules}
+    assert mods["model.layers.1.mlp.experts.gate_up_proj"].rank == 4
+    assert all(m.energy == pytest.approx(1.0, abs=1e-9) for m in report.modules)
+
+
+def test_resize_truncates_each_expert_optimally(tmp_path, moe_adapter):
+    base, adapter, truth = moe_adapter
+    report = lorafast.resize(adapter, tmp_path / "out", rank=2, progress=False)
+    got = expert_deltas(base, report.output)
+    for key, d in truth.items():
+        for e in range(d.shape[0]):
+            s = torch.linalg.svdvals(d[e])
+            tail = float(s[2:].norm())
+            err = float(torch.linalg.matrix_norm(got[key][e] - d[e]))
+            # Eckart-Young: the best rank-2 error is the discarded singular values' norm; fp32 factors add
+            # rounding of a few eps of ||delta_e|| per component.
+            assert abs(err - tail) <= 8 * EPS32 * 4 * float(s.norm()), (key, e, err, tail)
+    energies = {m.module: m.energy for m in report.modules}
+    for (module, param), d in truth.items():
+        kept = min(float((torch.linalg.svdvals(x)[:2] ** 2).sum() / (x**2).sum()) for x in d)
+        assert energies[f"{module}.{param}"] == pytest.approx(kept, rel=1e-6)
+
+
+def test_resize_by_energy_takes_the_largest_rank_any_expert_needs(tmp_path, moe_adapter):
+    base, adapter, truth = moe_adapter
+    share = 0.9
+    report = lorafast.resize(adapter, tmp_path / "out", energy=share, progress=False)
+    got = expert_deltas(base, report.output)
+    mods = {m.module: m for m in report.modules}
+    for (module, param), d in truth.items():
+        needed = []
+        for x in d:
+            s2 = torch.linalg.svdvals(x) ** 2
+            cum = torch.cumsum(s2, 0) / s2.sum()
+            needed.append(int((cum < share).sum()) + 1)
+        k = min(max(needed), 4)
+        m = mods[f"{module}.{param}"]
+        assert m.rank == k, (module, param, needed)
+        assert m.energy >= share - 1e-6
+        assert got[(module, param)].shape == d.shape

@@ -18,8 +18,8 @@ use serde_json::Value;
 use super::lowrank::{dense_svd, svd_of_product, Dense, Factors, RandomizedOptions};
 use super::merge_fns::{MajoritySign, MergeFn, Prune};
 use super::{
-    check_plain_lora, check_rank, copy_side_files, lora_outputs, raw_tensor, read_factors, set_ranks, tensor_seed,
-    write_adapter, ArithReport, OutTensor, KEY_PREFIX,
+    check_plain_lora, check_rank, copy_side_files, lora_outputs, raw_tensor, read_factors, refuse_parameter_loras,
+    set_ranks, tensor_seed, write_adapter, ArithReport, OutTensor, KEY_PREFIX,
 };
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
@@ -537,6 +537,7 @@ pub fn combine(
     let opened: Vec<Adapter> = adapters.iter().map(|p| Adapter::open(p)).collect::<Result<_>>()?;
     for a in &opened {
         check_plain_lora(a, "combined")?;
+        refuse_parameter_loras(a, "combined")?;
     }
     if !opts.allow_different_bases {
         check_bases(&opened)?;
