@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from conftest import peft
+from helpers import cli_error, no_leftovers
 from test_moe import EXPERTS, per_expert_adapter, save_moe
 
 import lorafast
@@ -187,3 +188,115 @@ def test_resize_by_energy_takes_the_largest_rank_any_expert_needs(tmp_path, moe_
         assert m.rank == k, (module, param, needed)
         assert m.energy >= share - 1e-6
         assert got[(module, param)].shape == d.shape
+
+
+# ---------------------------------------------------------------------------------------------- combine
+# PEFT's add_weighted_adapter refuses target_parameters adapters (peft/tuners/lora/model.py,
+# _check_add_weighted_adapter: "add_weighted_adapter does not support targeting nn.Parameter"), so the oracle is
+# the per-expert float64 truth: sum_i w_i delta_i,e for every expert e.
+
+
+@pytest.fixture(scope="module")
+def moe_two(tmp_path_factory):
+    """Two qwen3_moe adapters: both on the experts and q_proj (ranks 4 and 2), the second on v_proj too; and a
+    gpt_oss pair where the adapters target different expert parameters (the combined nesting differs)."""
+    root = tmp_path_factory.mktemp("combine")
+    base = save_moe(root / "base", "qwen3_moe", "fp32")
+    moe_peft_model(base, seed=1, r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(root / "a")
+    moe_peft_model(base, seed=2, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]).save_pretrained(root / "b")
+    return base, [root / "a", root / "b"]
+
+
+def module_deltas(base, adapter) -> dict:
+    """Every LoRA'd module's and expert parameter's delta in float64, from PEFT's own layers."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float64)
+    pm = peft.PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)
+    out = {}
+    with torch.no_grad():
+        for name, mod in pm.named_modules():
+            if isinstance(mod, peft.tuners.lora.layer.ParamWrapper):
+                key = name.removeprefix("base_model.model.")
+                while key.endswith(".base_layer"):
+                    key = key.removesuffix(".base_layer")
+                out[f"{key}.{mod.parameter_name}"] = mod.get_delta_weight("default").double()
+            elif isinstance(mod, peft.tuners.lora.layer.Linear):
+                out[name.removeprefix("base_model.model.")] = mod.get_delta_weight("default").double()
+    return out
+
+
+@pytest.mark.parametrize("method", ["cat", "linear"])
+def test_combine_is_exact_per_expert(tmp_path, moe_two, method):
+    base, ads = moe_two
+    w = [0.7, -1.3]
+    if method == "linear":
+        # linear's (sum sgn(c_i) sqrt|c_i| A_i)(sum sqrt|c_i| B_i) is the weighted sum of the deltas when both are
+        # one adapter ((sqrt|c1| - sqrt|c2|)(sqrt|c1| + sqrt|c2|) = c1 + c2), and it needs equal ranks.
+        ads = [ads[0], ads[0]]
+    report = lorafast.combine(ads, tmp_path / "out", weights=w, method=method, progress=False)
+    got = module_deltas(base, report.output)  # loads in PEFT
+    parts = [module_deltas(base, a) for a in ads]
+    want = {}
+    for wi, p in zip(w, parts):
+        for k, d in p.items():
+            want[k] = want.get(k, 0) + wi * d
+    assert set(got) >= set(want)
+    for k, d in want.items():
+        r = 6 if method == "cat" else 4
+        # fp32 factors (scaled once or twice in fp32) of rank r: a few eps of the parts' sizes per component.
+        size = sum(abs(wi) * float(p[k].abs().max()) for wi, p in zip(w, parts) if k in p)
+        assert float((got[k] - d).abs().max()) <= 8 * EPS32 * r * size, k
+
+
+def test_combine_svd_per_expert_is_the_truncation_of_each_experts_sum(tmp_path, moe_two):
+    base, ads = moe_two
+    w = [1.0, 0.5]
+    report = lorafast.combine(ads, tmp_path / "out", weights=w, method="svd", rank=3, progress=False)
+    got = module_deltas(base, report.output)
+    parts = [module_deltas(base, a) for a in ads]
+    for k in [k for k in got if k.endswith("_proj") and ".experts." in k]:
+        want = sum(wi * p[k] for wi, p in zip(w, parts) if k in p)
+        for e in range(want.shape[0]):
+            s = torch.linalg.svdvals(want[e])
+            err = float(torch.linalg.matrix_norm(got[k][e] - want[e]))
+            assert abs(err - float(s[3:].norm())) <= 8 * EPS32 * 6 * float(s.norm()), (k, e)
+    assert {m.rank for m in report.modules} == {3}
+
+
+def test_combine_of_different_expert_parameters_nests_as_peft(tmp_path):
+    base = save_moe(tmp_path / "base", "gpt_oss", "fp32")
+    moe_peft_model(base, seed=1, r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj"]).save_pretrained(
+        tmp_path / "a"
+    )
+    moe_peft_model(base, seed=2, r=2, lora_alpha=4, target_parameters=["mlp.experts.down_proj"]).save_pretrained(
+        tmp_path / "b"
+    )
+    report = lorafast.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "out", method="cat", progress=False)
+    got = module_deltas(base, report.output)
+    a, b = module_deltas(base, tmp_path / "a"), module_deltas(base, tmp_path / "b")
+    assert set(got) == set(a) | set(b)
+    for k, d in {**a, **b}.items():
+        assert float((got[k] - d).abs().max()) <= 8 * EPS32 * 4 * float(d.abs().max()), k
+    # What PEFT itself saves for the combined config: same keys.
+    cfg = json.loads((report.output / "adapter_config.json").read_text())
+    pm = moe_peft_model(base, r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_parameters=cfg["target_parameters"])
+    pm.save_pretrained(tmp_path / "peft")
+    from safetensors.torch import load_file
+
+    want_keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    assert set(load_file(str(report.output / "adapter_model.safetensors"))) == want_keys
+
+
+def test_combine_refuses_mixed_expert_layouts_and_counts(tmp_path, capsys, moe_two):
+    base, ads = moe_two
+    per = per_expert_adapter(base, tmp_path / "per", "qwen3_moe", rslora=False)
+    line = cli_error(capsys, "combine", str(ads[0]), str(per), "-o", str(tmp_path / "out"), "--method", "cat")
+    assert "mlp.experts" in line and "per-expert" in line
+    no_leftovers(tmp_path)
+    other = save_moe(tmp_path / "base2", "qwen2_moe", "fp32")  # 4 experts, not 8
+    moe_peft_model(other, r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(tmp_path / "c")
+    line = cli_error(
+        capsys, "combine", str(ads[0]), str(tmp_path / "c"), "-o", str(tmp_path / "out"), "--method", "cat",
+        "--allow-different-bases",
+    )  # fmt: skip
+    assert "experts" in line
+    no_leftovers(tmp_path)

@@ -150,21 +150,6 @@ pub fn check_plain_lora(adapter: &Adapter, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Refuse LoRAs on fused expert parameters where the command has no per-expert rule yet.
-pub fn refuse_parameter_loras(adapter: &Adapter, what: &str) -> Result<()> {
-    if let Some(m) = adapter.modules.iter().find(|m| m.param.is_some()) {
-        return Err(Error::unsupported(
-            adapter.weights_path(),
-            format!(
-                "parameter {}: target_parameters adapters cannot be {what} yet (PEFT's add_weighted_adapter \
-                 refuses them too)",
-                m.pattern_key()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Expert `e`'s factors of a parameter LoRA: A `[E*r, in]` holds them in rows `e*r..(e+1)*r`
 /// (expert-major), B `[out, E*r]` in columns `e, e+E, ...` (rank-major), as PEFT's
 /// `ParamWrapper.get_delta_weight` reshapes them. Returns (A_e `[r, in]`, B_e `[out, r]`).
@@ -265,4 +250,31 @@ pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
         std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_experts_inverts_splitting_them() {
+        let (experts, r, n_in, n_out) = (3, 2, 5, 4);
+        let a: Vec<f32> = (0..experts * r * n_in).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n_out * experts * r).map(|i| -(i as f32)).collect();
+        let per: Vec<Factors> = (0..experts)
+            .map(|e| {
+                let (a_e, b_e) = expert_factors(&a, &b, r, experts, e);
+                Factors {
+                    b: b_e,
+                    a: a_e,
+                    rank: r,
+                }
+            })
+            .collect();
+        // Expert 1's B is columns 1 and 4 of B's first row: rank-major.
+        assert_eq!(&per[1].b[..2], &[b[1], b[1 + experts]]);
+        assert_eq!(&per[2].a[..n_in], &a[2 * r * n_in..(2 * r + 1) * n_in]);
+        let packed = pack_experts(&per);
+        assert_eq!((packed.a, packed.b, packed.rank), (a, b, experts * r));
+    }
 }
