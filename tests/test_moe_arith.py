@@ -300,3 +300,53 @@ def test_combine_refuses_mixed_expert_layouts_and_counts(tmp_path, capsys, moe_t
     )  # fmt: skip
     assert "experts" in line
     no_leftovers(tmp_path)
+
+
+class _Experts(torch.nn.Module):
+    """One Linear per expert: each expert's (A_e, B_e) as an ordinary LoRA module for PEFT."""
+
+    def __init__(self, experts: int, n_in: int, n_out: int):
+        super().__init__()
+        self.e = torch.nn.ModuleList(torch.nn.Linear(n_in, n_out, bias=False) for _ in range(experts))
+
+
+@pytest.mark.parametrize(("method", "kw"), [("ties", {"density": 0.5}), ("magnitude_prune", {"density": 0.4})])
+def test_combine_per_expert_is_add_weighted_adapter_on_each_expert_as_a_module(tmp_path, moe_two, method, kw):
+    """The defined semantics, checked with PEFT as the oracle: its add_weighted_adapter on a model whose expert e
+    is a Linear carrying (A_e, B_e) of each adapter."""
+    base, _ = moe_two
+    ads = []
+    for i, seed in enumerate([5, 6]):
+        moe_peft_model(base, seed=seed, r=4, lora_alpha=8).save_pretrained(tmp_path / f"a{i}")
+        ads.append(tmp_path / f"a{i}")
+    w = [1.0, -0.6]
+    report = lorafast.combine(ads, tmp_path / "out", weights=w, method=method, progress=False, **kw)
+    got = module_deltas(base, report.output)
+    key = ("model.layers.1.mlp.experts", "gate_up_proj")
+    factors = []
+    for a in ads:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+        wr = param_wrappers(peft.PeftModel.from_pretrained(model, str(a)))[key]
+        factors.append((wr.lora_A["default"].weight.detach(), wr.lora_B["default"].weight.detach()))
+    experts, r = wr.num_experts, 4
+    n_in, n_out = factors[0][0].shape[1], factors[0][1].shape[0]
+    toy = peft.get_peft_model(
+        _Experts(experts, n_in, n_out),
+        peft.LoraConfig(r=r, lora_alpha=8, target_modules=["0", "1", "2", "3", "4", "5", "6", "7"]),
+        adapter_name="x0",
+    )
+    toy.add_adapter("x1", peft.LoraConfig(r=r, lora_alpha=8, target_modules=["0", "1", "2", "3", "4", "5", "6", "7"]))
+    with torch.no_grad():
+        for i, (a, b) in enumerate(factors):
+            for e in range(experts):
+                lin = toy.base_model.model.e[e]
+                lin.lora_A[f"x{i}"].weight.copy_(a[e * r : (e + 1) * r])
+                lin.lora_B[f"x{i}"].weight.copy_(b[:, e::experts])
+    toy.add_weighted_adapter(["x0", "x1"], w, "c", combination_type=method, **kw)
+    delta = got[f"{key[0]}.{key[1]}"]
+    # PEFT's (A, B) of the new adapter in fp32 and ours from the same fp32 rules: equal up to rounding of rank-r
+    # products of the factors' size.
+    for e in range(experts):
+        want = toy.base_model.model.e[e].get_delta_weight("c").double()
+        ours = delta[e] if delta[e].shape == want.shape else delta[e].T
+        assert float((ours - want).abs().max()) <= 8 * EPS32 * r * float(want.abs().max()), e
