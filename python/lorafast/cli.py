@@ -429,14 +429,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"adapter {args.path}: {cfg.get('peft_type')} task={cfg.get('task_type')} r={cfg.get('r')} "
             f"alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora', False)} dora={cfg.get('use_dora', False)}"
         )
-        print(f"  targets: {cfg.get('target_modules')}  modules_to_save: {cfg.get('modules_to_save')}")
+        params = f"  target_parameters: {cfg['target_parameters']}" if cfg.get("target_parameters") else ""
+        print(f"  targets: {cfg.get('target_modules')}{params}  modules_to_save: {cfg.get('modules_to_save')}")
         print(
             f"  trainable parameters: {info['trainable_parameters']:,}  file: {_human(info['file_bytes'])}  "
             f"LoRA modules: {len(info['modules'])}"
         )
         print(f"  modules changed most (||scaling * B A||_F), top {args.top}:")
         for m in info["modules"][: args.top]:
-            print(f"    {m['delta_norm']:12.5g}  {m['module']}  (r={m['r']}, scaling={m['scaling']:.4g})")
+            name = f"{m['module']}.{m['param']}" if m["param"] else m["module"]
+            print(f"    {m['delta_norm']:12.5g}  {name}  (r={m['r']}, scaling={m['scaling']:.4g})")
+        experts = [m for m in info["modules"] if m["expert_norms"]]
+        if experts:
+            print("  per expert (||scaling * B_e A_e||_F over the experts: min / median / max, top experts):")
+        for m in sorted(experts, key=lambda m: m["module"] + "." + m["param"])[: args.top]:
+            norms = m["expert_norms"]
+            srt = sorted(norms)
+            median = srt[len(srt) // 2] if len(srt) % 2 else (srt[len(srt) // 2 - 1] + srt[len(srt) // 2]) / 2
+            top = sorted(range(len(norms)), key=lambda e: -norms[e])[:3]
+            unchanged = sum(1 for x in norms if x == 0.0)
+            print(
+                f"    {m['module']}.{m['param']}  {len(norms)} experts: {srt[0]:.4g} / {median:.4g} / {srt[-1]:.4g}  "
+                f"top: {', '.join(f'{e} ({norms[e]:.4g})' for e in top)}"
+                + (f"  unchanged: {unchanged}" if unchanged else "")
+            )
+        if len(experts) > args.top:
+            print(f"    ... {len(experts) - args.top} more parameters (--top, --json)")
         for key in info["saved_tensors"]:
             print(f"  saved in full: {key}")
         return 0

@@ -75,7 +75,7 @@ pub struct Wrapped {
 
 /// The parameters of `module` that `target_parameters` selects (PEFT's match: `module.param` equal to
 /// an entry or ending with `.entry`), in registration order.
-fn targeted_params(config: &AdapterConfig, module: &str) -> Vec<String> {
+pub fn targeted_params(config: &AdapterConfig, module: &str) -> Vec<String> {
     let mut found: Vec<String> = Vec::new();
     for t in &config.target_parameters {
         let param = t.rsplit('.').next().unwrap_or(t);
@@ -157,6 +157,18 @@ pub fn wrapped_params<'a>(
         }
     }
     Ok(out)
+}
+
+/// The wrapper path PEFT saves `module.param`'s LoRA under when the config targets `params` of the
+/// module (registration order, as [`targeted_params`] gives them): the first registered is the innermost,
+/// one `.base_layer` deeper per parameter registered after it.
+pub fn wrapper_path(module: &str, param: &str, params: &[String]) -> String {
+    let index = params
+        .iter()
+        .position(|p| p == param)
+        .unwrap_or(params.len().saturating_sub(1));
+    let depth = params.len().saturating_sub(1) - index.min(params.len().saturating_sub(1));
+    format!("{module}{}", ".base_layer".repeat(depth))
 }
 
 /// The expert count of a parameter LoRA, from its factors: A `[E*r, in]`, B `[out, E*r]`.
@@ -375,6 +387,14 @@ fn mismatch(key: &str, name: &str, shape: &[usize], want: &str) -> Error {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn wrapper_paths_nest_the_first_registered_parameter_innermost() {
+        let both = ["gate_up_proj".to_string(), "down_proj".to_string()];
+        assert_eq!(wrapper_path("m", "gate_up_proj", &both), "m.base_layer");
+        assert_eq!(wrapper_path("m", "down_proj", &both), "m");
+        assert_eq!(wrapper_path("m", "gate_up_proj", &both[..1]), "m");
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -30,8 +30,13 @@ pub struct ModuleSummary {
     pub kind: &'static str,
     pub r: usize,
     pub scaling: f32,
-    /// ||scaling * B A||_F: how much the adapter changes this module.
+    /// ||scaling * B A||_F: how much the adapter changes this module (all experts together).
     pub delta_norm: f64,
+    /// The wrapped parameter of a `target_parameters` LoRA (`gate_up_proj`), None for a module LoRA.
+    pub param: Option<String>,
+    /// A parameter LoRA's ||scaling * B_e A_e||_F for each expert e: which experts the adapter moved.
+    /// Empty for a module LoRA.
+    pub expert_norms: Vec<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,16 +76,31 @@ pub fn adapter(dir: &Path) -> Result<AdapterSummary> {
     let mut modules = Vec::with_capacity(a.modules.len());
     for m in &a.modules {
         let (fa, fb) = (a.file.read_f32(&m.a)?, a.file.read_f32(&m.b)?);
+        let expert_norms: Vec<f64> = match &m.param {
+            Some(p) => (0..p.experts)
+                .map(|e| m.scaling.abs() as f64 * lowrank_frobenius_expert(&fa, &fb, m.r, p.experts, e))
+                .collect(),
+            None => Vec::new(),
+        };
         modules.push(ModuleSummary {
             module: m.module.clone(),
-            kind: if m.kind == crate::core::peft::LayerKind::Embedding {
+            kind: if m.param.is_some() {
+                "parameter"
+            } else if m.kind == crate::core::peft::LayerKind::Embedding {
                 "embedding"
             } else {
                 "linear"
             },
             r: m.r,
             scaling: m.scaling,
-            delta_norm: m.scaling.abs() as f64 * lowrank_frobenius(&fa, &fb, m.r),
+            // The experts' deltas are separate matrices, so their norms add in squares (the product of
+            // the fused factors would mix experts).
+            delta_norm: match &m.param {
+                Some(_) => expert_norms.iter().map(|x| x * x).sum::<f64>().sqrt(),
+                None => m.scaling.abs() as f64 * lowrank_frobenius(&fa, &fb, m.r),
+            },
+            param: m.param.as_ref().map(|p| p.name.clone()),
+            expert_norms,
         });
     }
     let file_bytes = std::fs::metadata(a.weights_path())
@@ -102,4 +122,21 @@ pub fn adapter(dir: &Path) -> Result<AdapterSummary> {
             .map(|shape| shape[0])
             .min(),
     })
+}
+
+/// ||B_e A_e||_F of expert `e` of a parameter LoRA: A `[E*r, in]` holds expert e's A in rows
+/// `e*r..(e+1)*r` (expert-major), B `[out, E*r]` its B in columns `e, e+E, ...` (rank-major), as
+/// PEFT's `ParamWrapper.get_delta_weight` reshapes them.
+fn lowrank_frobenius_expert(a: &[f32], b: &[f32], r: usize, experts: usize, e: usize) -> f64 {
+    let width = r * experts;
+    if width == 0 {
+        return 0.0;
+    }
+    let n = a.len() / width;
+    let a_e = &a[e * r * n..(e + 1) * r * n];
+    let b_e: Vec<f32> = b
+        .chunks_exact(width)
+        .flat_map(|row| (0..r).map(move |k| row[k * experts + e]))
+        .collect();
+    lowrank_frobenius(a_e, &b_e, r)
 }

@@ -143,6 +143,8 @@ fn inspect_adapter<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
         md.set_item("r", m.r)?;
         md.set_item("scaling", m.scaling)?;
         md.set_item("delta_norm", m.delta_norm)?;
+        md.set_item("param", m.param)?;
+        md.set_item("expert_norms", m.expert_norms)?;
         modules.append(md)?;
     }
     d.set_item("modules", modules)?;

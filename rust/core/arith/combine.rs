@@ -23,8 +23,9 @@ use super::{
 };
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
+use crate::core::experts::{targeted_params, wrapper_path, ExpertParam};
 use crate::core::linalg::{hstack, matmul_into};
-use crate::core::peft::{Adapter, LayerKind, LoraModule, CONFIG_NAME};
+use crate::core::peft::{Adapter, AdapterConfig, LayerKind, LoraModule, CONFIG_NAME};
 use crate::core::pool;
 use crate::core::progress::Progress;
 use crate::core::staging::Staging;
@@ -141,7 +142,10 @@ struct Part<'a> {
 }
 
 struct Job<'a> {
+    /// The module, or `module.param` for a LoRA on a fused experts parameter.
     module: String,
+    /// Set for a parameter LoRA: combined expert by expert, as if each were a module LoRA.
+    param: Option<(String, ExpertParam)>,
     kind: LayerKind,
     rows: usize,
     cols: usize,
@@ -260,12 +264,14 @@ fn check_bases(adapters: &[Adapter]) -> Result<()> {
 
 /// Every module any adapter has, with the adapters on it in order; shapes must agree.
 fn jobs<'a>(adapters: &'a [Adapter]) -> Result<Vec<Job<'a>>> {
-    let mut by_module: BTreeMap<&str, Job<'a>> = BTreeMap::new();
+    let mut by_module: BTreeMap<String, Job<'a>> = BTreeMap::new();
     for (index, adapter) in adapters.iter().enumerate() {
         for m in &adapter.modules {
             let (rows, cols) = (m.b_shape[0], m.a_shape[1]);
-            let job = by_module.entry(&m.module).or_insert_with(|| Job {
-                module: m.module.clone(),
+            let name = m.pattern_key();
+            let job = by_module.entry(name.clone()).or_insert_with(|| Job {
+                module: name.clone(),
+                param: m.param.clone().map(|p| (m.module.clone(), p)),
                 kind: m.kind,
                 rows,
                 cols,
@@ -286,6 +292,20 @@ fn jobs<'a>(adapters: &'a [Adapter]) -> Result<Vec<Job<'a>>> {
                     ),
                 ));
             }
+            if let (Some((_, want)), Some(got)) = (&job.param, &m.param) {
+                if want.experts != got.experts {
+                    return Err(Error::shape(
+                        &name,
+                        format!(
+                            "{} has a LoRA on {} experts here but {} one on {}: adapters for different bases",
+                            adapter.dir.display(),
+                            got.experts,
+                            job.parts[0].adapter.dir.display(),
+                            want.experts
+                        ),
+                    ));
+                }
+            }
             job.parts.push(Part {
                 index,
                 adapter,
@@ -293,7 +313,31 @@ fn jobs<'a>(adapters: &'a [Adapter]) -> Result<Vec<Job<'a>>> {
             });
         }
     }
-    Ok(by_module.into_values().collect())
+    let jobs: Vec<Job<'a>> = by_module.into_values().collect();
+    // A fused experts LoRA and per-expert Linear LoRAs (`experts.{e}.gate_proj`) on the same experts would
+    // be two layouts of one weight: PEFT converts the latter on load, lorafast does not mix them.
+    for j in &jobs {
+        let Some((module, _)) = &j.param else { continue };
+        let inner = format!("{module}.");
+        if let Some(other) = jobs.iter().find(|o| {
+            o.param.is_none()
+                && o.module
+                    .strip_prefix(&inner)
+                    .is_some_and(|t| t.starts_with(|c: char| c.is_ascii_digit()))
+        }) {
+            let who = |job: &Job| job.parts[0].adapter.dir.display().to_string();
+            return Err(Error::unsupported(
+                &j.module,
+                format!(
+                    "{} has a target_parameters LoRA here but {} a per-expert LoRA on {}; convert one layout first",
+                    who(j),
+                    who(other),
+                    other.module
+                ),
+            ));
+        }
+    }
+    Ok(jobs)
 }
 
 /// Zero-pad factors of rank `r` to `to` (PEFT writes them into a zeroed adapter of the new rank).
@@ -339,13 +383,42 @@ fn quantile(values: &[f32], q: f64) -> f32 {
 }
 
 fn combine_module(job: &Job, method: Method, opts: &CombineOptions, rank: usize) -> Result<(Factors, Option<f64>)> {
-    let weight = |p: &Part| opts.weights[p.index];
-    let scaling = |p: &Part| p.adapter.config.scaling_f64_for(&p.module.module);
     let loaded: Vec<(Vec<f32>, Vec<f32>)> = job
         .parts
         .iter()
         .map(|p| read_factors(p.adapter, p.module))
         .collect::<Result<_>>()?;
+    let Some((_, p)) = &job.param else {
+        return combine_factors(job, loaded, &job.module, method, opts, rank);
+    };
+    // PEFT's rules applied to each expert's (A_e, B_e) as to a module LoRA, repacked into the fused layout.
+    let mut per_expert = Vec::with_capacity(p.experts);
+    let mut energy: Option<f64> = None;
+    for e in 0..p.experts {
+        let loaded_e: Vec<(Vec<f32>, Vec<f32>)> = job
+            .parts
+            .iter()
+            .zip(&loaded)
+            .map(|(part, (a, b))| super::expert_factors(a, b, part.module.r, p.experts, e))
+            .collect();
+        let (f, en) = combine_factors(job, loaded_e, &format!("{}:expert{e}", job.module), method, opts, rank)?;
+        energy = en.map(|x| energy.map_or(x, |y| y.min(x)));
+        per_expert.push(f);
+    }
+    Ok((super::pack_experts(&per_expert), energy))
+}
+
+/// One module's (or one expert's) combination from the parts' factors; `seed_name` keys its random draws.
+fn combine_factors(
+    job: &Job,
+    loaded: Vec<(Vec<f32>, Vec<f32>)>,
+    seed_name: &str,
+    method: Method,
+    opts: &CombineOptions,
+    rank: usize,
+) -> Result<(Factors, Option<f64>)> {
+    let weight = |p: &Part| opts.weights[p.index];
+    let scaling = |p: &Part| p.adapter.config.scaling_f64_for(&p.module.pattern_key());
     let (m, n) = (job.rows, job.cols);
     if method == Method::Cat {
         // A_i * weight * scaling (two f32 roundings, as torch does), stacked; B_i side by side.
@@ -361,7 +434,7 @@ fn combine_module(job: &Job, method: Method, opts: &CombineOptions, rank: usize)
     let seeds = |label: &str| -> Vec<u32> {
         job.parts
             .iter()
-            .map(|p| tensor_seed(opts.seed, &job.module, label, p.index))
+            .map(|p| tensor_seed(opts.seed, seed_name, label, p.index))
             .collect()
     };
     if !method.is_svd() {
@@ -427,7 +500,7 @@ fn combine_module(job: &Job, method: Method, opts: &CombineOptions, rank: usize)
             cols: n,
             total_energy: total,
         };
-        let seed = tensor_seed(opts.seed, &job.module, "svd", 0);
+        let seed = tensor_seed(opts.seed, seed_name, "svd", 0);
         dense_svd(dense, rank, &exactish, seed, &job.module)?
     };
     let mut f = svd.factors(rank, rank);
@@ -479,6 +552,16 @@ fn new_config(adapters: &[Adapter], rank: usize, modules: &[String], warnings: &
             "the adapters' target_modules mix lists and regex strings; PEFT cannot combine those either".into(),
         ));
     };
+    // The union of target_parameters, like target_modules: PEFT wraps what either adapter wrapped.
+    let mut params: Vec<String> = adapters
+        .iter()
+        .flat_map(|a| a.config.target_parameters.clone())
+        .collect();
+    params.sort();
+    params.dedup();
+    if !params.is_empty() {
+        config["target_parameters"] = Value::from(params);
+    }
     let mut to_save: Vec<String> = adapters.iter().flat_map(|a| a.config.modules_to_save.clone()).collect();
     to_save.sort();
     to_save.dedup();
@@ -568,12 +651,37 @@ pub fn combine(
             })
             .collect::<Result<_>>()
     })?;
-    let (mut tensors, reports) = lora_outputs(
-        jobs.iter()
-            .zip(results)
-            .map(|(j, (f, e))| (j.module.as_str(), j.kind, f, e)),
+    let (plain, params): (Vec<_>, Vec<_>) = jobs.iter().zip(results).partition(|(j, _)| j.param.is_none());
+    let (mut tensors, mut reports) = lora_outputs(
+        plain.into_iter().map(|(j, (f, e))| (j.module.as_str(), j.kind, f, e)),
         opts.dtype,
     );
+    // Parameter LoRAs under the wrapper path PEFT gives them for the combined config (its nesting can differ
+    // from an input's when the adapters targeted different parameters of one module).
+    let parsed = AdapterConfig::from_value(&staging.tmp.join(CONFIG_NAME), config.clone())?;
+    for (j, (f, e)) in params {
+        let Some((module, p)) = &j.param else { continue };
+        let targeted = targeted_params(&parsed, module);
+        if !targeted.contains(&p.name) {
+            return Err(Error::unsupported(
+                &j.module,
+                format!("the combined target_parameters ({targeted:?}) do not select this parameter"),
+            ));
+        }
+        let wrapper = wrapper_path(module, &p.name, &targeted);
+        let (n_in, n_out) = (f.a.len() / f.rank.max(1), f.b.len() / f.rank.max(1));
+        let (ka, kb) = (
+            format!("{KEY_PREFIX}{wrapper}.lora_A.weight"),
+            format!("{KEY_PREFIX}{wrapper}.lora_B.weight"),
+        );
+        tensors.push(OutTensor::float(ka, opts.dtype, vec![f.rank, n_in], &f.a));
+        tensors.push(OutTensor::float(kb, opts.dtype, vec![n_out, f.rank], &f.b));
+        reports.push(super::ModuleReport {
+            module: j.module.clone(),
+            rank: f.rank / p.experts.max(1),
+            energy: e,
+        });
+    }
     let saved_count = saved.len();
     tensors.extend(saved);
     copy_side_files(&opened[0].dir, &staging.tmp)?;

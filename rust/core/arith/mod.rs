@@ -147,14 +147,40 @@ pub fn check_plain_lora(adapter: &Adapter, what: &str) -> Result<()> {
             format!("module {}: lora_bias adapters cannot be {what}", m.module),
         ));
     }
-    let tp = &adapter.config.raw["target_parameters"];
-    if !(tp.is_null() || tp.as_array().is_some_and(Vec::is_empty)) {
-        return Err(Error::unsupported(
-            adapter.dir.join(CONFIG_NAME),
-            format!("target_parameters adapters cannot be {what} (PEFT refuses them too)"),
-        ));
-    }
     Ok(())
+}
+
+/// Expert `e`'s factors of a parameter LoRA: A `[E*r, in]` holds them in rows `e*r..(e+1)*r`
+/// (expert-major), B `[out, E*r]` in columns `e, e+E, ...` (rank-major), as PEFT's
+/// `ParamWrapper.get_delta_weight` reshapes them. Returns (A_e `[r, in]`, B_e `[out, r]`).
+pub fn expert_factors(a: &[f32], b: &[f32], r: usize, experts: usize, e: usize) -> (Vec<f32>, Vec<f32>) {
+    let width = r * experts;
+    let n = a.len() / width.max(1);
+    let a_e = a[e * r * n..(e + 1) * r * n].to_vec();
+    let b_e = b
+        .chunks_exact(width.max(1))
+        .flat_map(|row| (0..r).map(move |k| row[k * experts + e]))
+        .collect();
+    (a_e, b_e)
+}
+
+/// The inverse of [`expert_factors`]: every expert's factors of one rank `k` packed into PEFT's fused
+/// layout, A `[E*k, in]` and B `[out, E*k]` (as a [`Factors`] of rank `E*k`).
+pub fn pack_experts(per_expert: &[Factors]) -> Factors {
+    let experts = per_expert.len();
+    let k = per_expert.first().map_or(0, |f| f.rank);
+    let width = k * experts;
+    let out = per_expert.first().map_or(0, |f| f.b.len() / k.max(1));
+    let a: Vec<f32> = per_expert.iter().flat_map(|f| f.a.iter().copied()).collect();
+    let mut b = vec![0f32; out * width];
+    for (e, f) in per_expert.iter().enumerate() {
+        for i in 0..out {
+            for j in 0..k {
+                b[i * width + j * experts + e] = f.b[i * k + j];
+            }
+        }
+    }
+    Factors { b, a, rank: width }
 }
 
 /// Write `adapter_model.safetensors` and `adapter_config.json` (plus any side files already in the
@@ -224,4 +250,31 @@ pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
         std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_experts_inverts_splitting_them() {
+        let (experts, r, n_in, n_out) = (3, 2, 5, 4);
+        let a: Vec<f32> = (0..experts * r * n_in).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n_out * experts * r).map(|i| -(i as f32)).collect();
+        let per: Vec<Factors> = (0..experts)
+            .map(|e| {
+                let (a_e, b_e) = expert_factors(&a, &b, r, experts, e);
+                Factors {
+                    b: b_e,
+                    a: a_e,
+                    rank: r,
+                }
+            })
+            .collect();
+        // Expert 1's B is columns 1 and 4 of B's first row: rank-major.
+        assert_eq!(&per[1].b[..2], &[b[1], b[1 + experts]]);
+        assert_eq!(&per[2].a[..n_in], &a[2 * r * n_in..(2 * r + 1) * n_in]);
+        let packed = pack_experts(&per);
+        assert_eq!((packed.a, packed.b, packed.rank), (a, b, experts * r));
+    }
 }
