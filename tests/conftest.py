@@ -167,3 +167,12 @@ def llama_cpp(llama_cpp_dir):
 
     lib.llama_model_default_params = without_repacking
     return llama_cpp
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    """GPT-2's real tokenizer, rebuilt offline from the ranks file in whisper's PyPI sdist (cached)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from gpt2_tokenizer import gpt2_tokenizer
+
+    return gpt2_tokenizer()

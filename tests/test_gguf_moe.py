@@ -3,22 +3,21 @@ merged on the fly: byte-identical to llama.cpp's convert_hf_to_gguf.py on the me
 stacked per layer into 3-D tensors, router f32), and run by llama.cpp against transformers.
 
 The Qwen MoE converters read a byte-level BPE vocabulary, which llama.cpp accepts only when it knows the
-tokenizer's pre-tokenizer by the hash of its ids for a fixed text; no such tokenizer can be fetched here,
-so both sides are given the name "qwen2" for the test's generated tokenizer (`known_pre_tokenizer`). The
-lookup itself is the one dense models use."""
+tokenizer's pre-tokenizer (by the hash of its ids for a fixed text): those models get GPT-2's real
+tokenizer, rebuilt from the ranks file whisper's PyPI sdist ships (scripts/gpt2_tokenizer.py); Mixtral a
+sentencepiece one trained here."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import peft, with_gpt2_tokenizer
+from conftest import peft
 from helpers import cli_error, no_leftovers
-from test_gguf import MIXES, assert_same_file, llama_quantize, with_sentencepiece_tokenizer
+from test_gguf import MIXES, assert_same_file, convert, llama_quantize, with_sentencepiece_tokenizer
 from test_gguf_runtime import TOKENS, logits, rel_err
 from test_moe import EXPERTS
 
@@ -29,43 +28,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning"),
 ]
-
-# The converter with the test tokenizer's pre-tokenizer taken as Qwen2's (see the module docstring).
-CONVERT = """
-import runpy, sys
-script = sys.argv.pop(1)
-sys.path.insert(0, str(__import__("pathlib").Path(script).parent))
-import conversion.base
-conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-runpy.run_path(script, run_name="__main__")
-"""
-
-
-def convert(llama_cpp_dir: Path, model: Path, outtype: str, out: Path) -> Path:
-    script = llama_cpp_dir / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    run = subprocess.run(
-        [sys.executable, "-c", CONVERT, str(script), str(model), "--outtype", outtype, "--outfile", str(out)]
-        + ["--model-name", "tiny"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return out
-
-
-class _AnyPreTokenizer(dict):
-    def get(self, key, default=None):
-        return "qwen2"
-
-
-@pytest.fixture
-def known_pre_tokenizer(monkeypatch):
-    import lorafast._gguf_pretokenizers as pre
-
-    monkeypatch.setattr(pre, "PRE_TOKENIZERS", _AnyPreTokenizer())
-
-
-CORPUS = [f"the expert number {i} routes token {i * 7 % 13} to layer {i % 3}" for i in range(200)]
 
 
 def moe_config(arch: str, vocab: int, **kw):
@@ -87,7 +49,7 @@ def moe_config(arch: str, vocab: int, **kw):
     return cls(**{**common, **specific, **kw})
 
 
-def save_moe_model(folder: Path, arch: str, dtype, **kw) -> Path:
+def save_moe_model(folder: Path, arch: str, dtype, gpt2: Path, **kw) -> Path:
     """A tiny MoE checkpoint (sharded) with a tokenizer llama.cpp's converter reads for the architecture."""
     folder.mkdir(parents=True)
     if arch == "mixtral":
@@ -95,7 +57,8 @@ def save_moe_model(folder: Path, arch: str, dtype, **kw) -> Path:
         transformers.LlamaTokenizer(vocab_file=str(folder / "tokenizer.model")).save_pretrained(folder)
         vocab = 256
     else:
-        vocab = with_gpt2_tokenizer(folder, CORPUS)
+        shutil.copytree(gpt2, folder, dirs_exist_ok=True)
+        vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(moe_config(arch, vocab, **kw)).to(dtype)
     model.save_pretrained(folder, max_shard_size="200KB")
@@ -118,18 +81,18 @@ def save_expert_adapter(base: Path, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "mixtral"])
-def moe_bf16(request, tmp_path_factory):
+def moe_bf16(request, tmp_path_factory, gpt2_tokenizer_dir):
     root = tmp_path_factory.mktemp(request.param)
-    base = save_moe_model(root / "base", request.param, torch.bfloat16)
+    base = save_moe_model(root / "base", request.param, torch.bfloat16, gpt2_tokenizer_dir)
     adapter = save_expert_adapter(base, root / "adapter")
     merged = lorafast.merge(base, [adapter], root / "merged", progress=False).output
     return request.param, base, adapter, merged
 
 
 @pytest.mark.parametrize("file_type", ["f32", "f16", "bf16", "q8_0", *MIXES])
-def test_moe_gguf_is_byte_identical_to_the_converter(llama_cpp_dir, moe_bf16, tmp_path, known_pre_tokenizer, file_type):
+def test_moe_gguf_is_byte_identical_to_the_converter(llama_cpp_dir, moe_bf16, tmp_path, file_type):
     arch, base, adapter, merged = moe_bf16
-    theirs = convert(llama_cpp_dir, merged, "bf16" if file_type in MIXES else file_type, tmp_path / "theirs.gguf")
+    theirs = convert(llama_cpp_dir, merged, "bf16" if file_type in MIXES else file_type, tmp_path / "t.gguf", "tiny")
     if file_type in MIXES:
         theirs = llama_quantize(llama_cpp_dir, theirs, tmp_path / "theirs-q.gguf", MIXES[file_type])
     ours = tmp_path / "ours.gguf"
@@ -137,7 +100,10 @@ def test_moe_gguf_is_byte_identical_to_the_converter(llama_cpp_dir, moe_bf16, tm
     assert_same_file(ours, theirs)
     import gguf
 
-    names = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    reader = gguf.GGUFReader(ours)
+    names = {t.name: t for t in reader.tensors}
+    pre = bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode()
+    assert pre == ("default" if arch == "mixtral" else "gpt-2"), pre
     n_experts = 8 if arch == "qwen3_moe" else 4
     # Stacked experts (GGUF dims reversed: in, out, experts), router f32.
     assert list(names["blk.1.ffn_gate_exps.weight"].shape) == [64, 64, n_experts]
@@ -146,14 +112,14 @@ def test_moe_gguf_is_byte_identical_to_the_converter(llama_cpp_dir, moe_bf16, tm
     assert report.tensors == len(names)
 
 
-def test_moe_gguf_runs_in_llama_cpp(llama_cpp, tmp_path, known_pre_tokenizer):
+def test_moe_gguf_runs_in_llama_cpp(llama_cpp, tmp_path, gpt2_tokenizer_dir):
     """f32 weights, f32 KV cache: llama.cpp's logits equal transformers' on the merged model up to summation
     order (test_gguf_runtime's bound: 1e-4 of the largest logit), and the adapter moved them well beyond it.
     Every expert is used for every token (num_experts_per_tok = the expert count) so that a routing tie
     cannot pick other experts on the two sides."""
     for arch in ("qwen3_moe", "qwen2_moe", "mixtral"):
         n = 8 if arch == "qwen3_moe" else 4
-        base = save_moe_model(tmp_path / arch / "base", arch, torch.float32, num_experts_per_tok=n)
+        base = save_moe_model(tmp_path / arch / "base", arch, torch.float32, gpt2_tokenizer_dir, num_experts_per_tok=n)
         adapter = save_expert_adapter(base, tmp_path / arch / "adapter")
         ours = tmp_path / arch / "merged.gguf"
         lgguf.to_gguf(base, [adapter], ours, type="f32", progress=False)
@@ -177,10 +143,10 @@ def test_expert_lora_as_gguf_lora_is_refused(moe_bf16, tmp_path, capsys):
     no_leftovers(tmp_path)
 
 
-def test_dense_layer_in_a_qwen_moe_is_refused_as_the_converter_does(tmp_path, known_pre_tokenizer, capsys):
+def test_dense_layer_in_a_qwen_moe_is_refused_as_the_converter_does(tmp_path, gpt2_tokenizer_dir, capsys):
     """llama.cpp's qwen3moe has no dense FFN tensors: a model with dense layers (mlp_only_layers) does not
     convert, and lorafast says which tensor in one line."""
-    base = save_moe_model(tmp_path / "base", "qwen3_moe", torch.bfloat16, mlp_only_layers=[0])
+    base = save_moe_model(tmp_path / "base", "qwen3_moe", torch.bfloat16, gpt2_tokenizer_dir, mlp_only_layers=[0])
     line = cli_error(capsys, "gguf", str(base), "-o", str(tmp_path / "out.gguf"))
     assert "model.layers.0.mlp" in line and "qwen3moe" in line, line
     assert not (tmp_path / "out.gguf").exists()
