@@ -1,13 +1,15 @@
-"""Mixture-of-experts merge benchmark: `lorafast merge` of an expert adapter (PEFT target_parameters) against
-PEFT's route and a plain copy, measured in one run.
+"""Mixture-of-experts benchmark: `lorafast merge` of an expert adapter (PEFT target_parameters) against PEFT's
+route and a plain copy, and `lorafast gguf --type q8_0` of the same pair against the converter's route (PEFT
+merge, then llama.cpp's convert_hf_to_gguf.py --outtype q8_0), measured in one run.
 
 Generates (once, cached) a ~1.3B-parameter Qwen3-MoE-shaped bf16 checkpoint stored one Linear per expert as
 transformers saves it (hidden 1024, 24 layers, 32 experts of intermediate 512, 4 shards) and an r=16 adapter
 on q,k,v,o and on every expert's gate_up_proj and down_proj, in PEFT's saved layout (both parameters of an
-experts module: gate_up_proj nested under base_layer). Each route is the process a user starts, timed from
-spawn to exit; routes alternate round by round; medians.
+experts module: gate_up_proj nested under base_layer), with GPT-2's real tokenizer (scripts/gpt2_tokenizer.py:
+the Qwen MoE converter reads only a BPE vocabulary whose pre-tokenizer it knows). Each route is the process a
+user starts, timed from spawn to exit; routes alternate round by round; medians.
 
-    python benches/bench_moe.py [--runs 5] [--slow-runs 1] [--skip-peft] [--json FILE]
+    python benches/bench_moe.py [--runs 5] [--slow-runs 1] [--skip-peft] [--skip-gguf] [--json FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,16 +29,29 @@ from _common import CACHE, lorafast_cli, measure_alternating, python_script, tab
 
 from lorafast.synthetic import write_safetensors
 
-HIDDEN, INTER, LAYERS, EXPERTS, HEADS, KV, HEAD_DIM, VOCAB, R = 1024, 512, 24, 32, 16, 4, 64, 32000, 16
+# GPT-2's vocabulary size, so its tokenizer fits.
+HIDDEN, INTER, LAYERS, EXPERTS, HEADS, KV, HEAD_DIM, VOCAB, R = 1024, 512, 24, 32, 16, 4, 64, 50257, 16
+ROOT = Path(__file__).resolve().parents[1]
 PEFT = (
     "import sys, transformers\nfrom lorafast.reference import peft_merge\n"
     "transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar()\n"
     "peft_merge(sys.argv[1], [sys.argv[2]], sys.argv[3])"
 )
+# The tokenizer travels with the merged model (save_pretrained of the model writes none).
+PEFT_GGUF = PEFT + (
+    "\nimport shutil\nfor f in ('tokenizer.json', 'tokenizer_config.json'):"
+    " shutil.copy(f'{sys.argv[1]}/{f}', sys.argv[3])"
+)
 LABELS = {
     "lorafast": "`lorafast merge BASE ADAPTER` (Rust, 2 threads)",
     "copy": "`cp -r` of the base folder",
     "peft": "PEFT from_pretrained + merge_and_unload + save_pretrained",
+}
+GGUF_LABELS = {
+    "gguf": "`lorafast gguf BASE ADAPTER --type q8_0`",
+    "convert": "convert_hf_to_gguf.py --outtype q8_0, on the merged model",
+    "route": "PEFT merge + convert_hf_to_gguf.py --outtype q8_0",
+    "copy": "`cp -r` of the base folder",
 }
 
 
@@ -87,7 +103,7 @@ def layer_specs(i: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def ensure_model(cache: Path) -> tuple[Path, Path]:
-    base, adapter, done = cache / "qwen3-moe-1.3b", cache / "qwen3-moe-adapter-r16", cache / "MOE_READY"
+    base, adapter, done = cache / "qwen3-moe-1.3b", cache / "qwen3-moe-adapter-r16", cache / "MOE_READY_V2"
     if done.exists():
         return base, adapter
     t0 = time.perf_counter()
@@ -119,6 +135,10 @@ def ensure_model(cache: Path) -> tuple[Path, Path]:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (base / "config.json").write_text(json.dumps(config(), indent=2))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gpt2_tokenizer import gpt2_tokenizer
+
+    shutil.copytree(gpt2_tokenizer(), base, dirs_exist_ok=True)
     adapter.mkdir(parents=True)
     specs = []
     for i in range(LAYERS):
@@ -166,6 +186,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="runs of lorafast and the copy")
     ap.add_argument("--slow-runs", type=int, default=1, help="runs of PEFT's route")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-gguf", action="store_true", help="leave out the GGUF routes")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args()
     base, adapter = ensure_model(CACHE)
@@ -189,10 +210,46 @@ def main() -> None:
         print(table(warm, LABELS, title, "lorafast", "peft" if "peft" in warm else None))
         if "peft" in warm and warm["peft"].get("stderr"):
             print(f"PEFT route: {warm['peft']['stderr']}")
+        results = {"merge": warm}
+        if not args.skip_gguf:
+            results["gguf"] = gguf_routes(args, b, a, scratch)
         if args.json:
-            args.json.write_text(json.dumps(warm, indent=2))
+            args.json.write_text(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def gguf_routes(args: argparse.Namespace, b: str, a: str, scratch: Path) -> dict:
+    from bench_gguf import llama_cpp_dir, shell
+
+    llama = llama_cpp_dir()
+    convert_py, py = str(llama / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"), sys.executable
+    merged = scratch / "merged"
+    subprocess.run(lorafast_cli("merge", b, a, "-o", str(merged), "-q"), check=True)
+
+    def convert(model: str, out: Path) -> list[list[str]]:
+        return [["mkdir", "-p", str(out)], [py, convert_py, model, "--outtype", "q8_0", "--outfile", f"{out}/m.gguf"]]
+
+    routes = {
+        "gguf": (
+            lambda out: shell(
+                ["mkdir", "-p", str(out)], lorafast_cli("gguf", b, a, "-o", f"{out}/m.gguf", "--type", "q8_0", "-q")
+            ),
+            args.runs,
+        ),
+        "convert": (lambda out: shell(*convert(str(merged), out)), args.slow_runs),
+        "copy": (lambda out: ["cp", "-r", b, str(out)], args.runs),
+    }
+    if not args.skip_peft:
+        routes["route"] = (
+            lambda out: shell([py, "-c", PEFT_GGUF, b, a, f"{out}/merged"], *convert(f"{out}/merged", out)),
+            args.slow_runs,
+        )
+    res = measure_alternating(routes, scratch)
+    title = f"GGUF q8_0 of the same base and adapter (merged on the fly), {os.cpu_count()} cores, page cache warm:"
+    print()
+    print(table(res, GGUF_LABELS, title, "gguf", "route" if "route" in res else "convert"))
+    return res
 
 
 if __name__ == "__main__":
