@@ -623,7 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--r", type=int, default=8)
     t.add_argument("--alpha", type=float)
     t.add_argument("--dropout", type=float, default=0.05)
-    t.add_argument("--targets", default="attn", help="attn, attn-mlp, all-linear or comma-separated module names")
+    t.add_argument(
+        "--targets",
+        default="attn",
+        help="attn, attn-mlp, all-linear or comma-separated module names; on MoE models attn-experts / attn-mlp "
+        "add the fused expert parameters (PEFT target_parameters, e.g. experts.gate_up_proj), which need --dropout 0",
+    )
     t.add_argument("--rslora", action="store_true")
     t.add_argument("--init", choices=["default", "gaussian", "olora", "pissa"], default="default")
     t.add_argument("--rank-pattern", nargs="+", metavar="NAME=RANK")

@@ -223,12 +223,19 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     init: Any = {"default": True, "gaussian": "gaussian", "olora": "olora", "pissa": "pissa"}.get(cfg.init)
     if init is None:
         raise InvalidArgumentError(f"init {cfg.init!r}: use default, gaussian, olora or pissa")
+    modules, params = resolve_targets(cfg.targets, model)
+    if params and cfg.dropout:
+        # PEFT's ParamWrapper (peft/tuners/lora/layer.py) raises on lora_dropout != 0 for target_parameters
+        raise InvalidArgumentError(
+            f"--dropout {cfg.dropout}: LoRA on expert parameters ({', '.join(params)}) needs --dropout 0 (PEFT)"
+        )
     lora = LoraConfig(
         task_type=task_type,
         r=cfg.r,
         lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.r,
         lora_dropout=cfg.dropout,
-        target_modules=resolve_targets(cfg.targets, model),
+        target_modules=modules or None,
+        target_parameters=params or None,
         use_rslora=cfg.rslora,
         init_lora_weights=init,
         rank_pattern=dict(cfg.rank_pattern),

@@ -27,31 +27,57 @@ FAMILY = {
 }
 
 
-def resolve_targets(spec: str, model) -> list[str] | str:
-    """Preset name, "all-linear" (PEFT resolves it), or comma-separated module names checked against the
-    model: an unknown name is an error listing the names the model does have."""
+def expert_parameters(model) -> list[str]:
+    """The fused 3-D expert weights of an MoE model as PEFT `target_parameters` suffixes
+    ("mlp.experts.gate_up_proj"), read from the model's own nn.Parameters; routers are 2-D and never listed."""
+    found = set()
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if param.dim() == 3 and "experts" in parts:
+            i = parts.index("experts")
+            found.add(".".join(parts[max(i - 1, 0) :]))
+    return sorted(found)
+
+
+def resolve_targets(spec: str, model) -> tuple[list[str] | str, list[str]]:
+    """(target_modules, target_parameters) for a preset name, "all-linear" (PEFT resolves it), or comma-separated
+    module / expert-parameter names checked against the model: an unknown name is an error listing the names the
+    model does have. Presets on an MoE model ("attn-experts", "attn-mlp") add its fused expert parameters; the
+    router is never a preset target."""
     model_type = getattr(model.config, "model_type", "")
+    experts = expert_parameters(model)
     if spec == "all-linear":
-        return "all-linear"
+        return "all-linear", []
     family = PRESETS.get(FAMILY.get(model_type, ""), {})
+    attn = PRESETS["llama-like"]["attn"]
+    if experts and spec in ("attn-experts", "attn-mlp"):
+        linear = _linear_leaves(model)
+        mods = [m for m in attn if m in linear]
+        if spec == "attn-mlp":  # shared experts / dense layers' MLP Linears (not routers: gate, router, *_gate)
+            mods += [m for m in ("gate_proj", "up_proj", "down_proj") if m in linear]
+        return mods, experts
     if spec in family:
-        return family[spec]
-    if spec in ("attn", "attn-mlp"):
+        return family[spec], []
+    if spec in ("attn", "attn-mlp", "attn-experts"):
         raise InvalidArgumentError(f"no {spec!r} preset for model type {model_type!r}; name the modules explicitly")
     names = [n.strip() for n in spec.split(",") if n.strip()]
+    params = [n for n in names if any(e == n or e.endswith(f".{n}") for e in experts)]
+    names = [n for n in names if n not in params]
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     unknown = [n for n in names if n not in leaves and not any(m.endswith(f".{n}") for m, _ in model.named_modules())]
     if unknown:
-        import torch
+        have = f"this model's linear modules are: {', '.join(sorted(_linear_leaves(model)))}"
+        if experts:
+            have += f"; its expert parameters: {', '.join(experts)}"
+        raise InvalidArgumentError(f"unknown target module {unknown[0]!r}; {have}")
+    return names, params
 
-        linear = sorted(
-            {
-                n.rsplit(".", 1)[-1]
-                for n, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
-            }
-        )
-        raise InvalidArgumentError(
-            f"unknown target module {unknown[0]!r}; this model's linear modules are: {', '.join(linear)}"
-        )
-    return names
+
+def _linear_leaves(model) -> set[str]:
+    import torch
+
+    return {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+    }
