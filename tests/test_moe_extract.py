@@ -209,3 +209,25 @@ def test_bad_moe_pairs_are_one_line_naming_the_tensor(tmp_path, capsys, moe_tune
     line = cli_error(capsys, "extract", str(base), str(bad), "--rank", "2", "-o", out)
     assert name in line, line
     no_leftovers(tmp_path)
+
+
+def test_a_changed_router_is_named_not_extracted(tmp_path, moe_tuned):
+    arch, base, tuned, _ = moe_tuned
+    if arch != "qwen3_moe":
+        pytest.skip("one architecture is enough: the router rule is the same")
+    router = "model.layers.1.mlp.gate.weight"
+
+    def nudge(s):
+        s[router] = s[router] + 0.01
+
+    bad = _rewrite(tuned, tmp_path / "tuned", nudge)
+    r = lorafast.extract(base, bad, tmp_path / "out", rank=R, progress=False)
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    assert not any(m.endswith(".gate") or m == "gate" for m in cfg["target_modules"])
+    assert any(router in w and "--modules-to-save" in w for w in r.warnings), r.warnings
+    # Explicit targets may name the expert parameters: full module.param names then.
+    r = lorafast.extract(base, tuned, tmp_path / "gu", rank=R, targets=["q_proj", "gate_up_proj"], progress=False)
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["model.layers.1.mlp.experts.gate_up_proj"]
+    got = expert_deltas(load_quiet(r.output, base))
+    assert set(got) == {("model.layers.1.mlp.experts", "gate_up_proj")}
