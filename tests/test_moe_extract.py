@@ -19,6 +19,7 @@ from test_moe import save_moe
 from test_moe_arith import moe_peft_model, param_wrappers
 
 import lorafast
+from lorafast.cli import main as cli
 from lorafast.reference import load_state_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
@@ -122,8 +123,9 @@ def _adapter_keys(folder: Path) -> list[str]:
 
 def test_lower_rank_is_each_experts_optimal_truncation(tmp_path, moe_tuned):
     arch, base, tuned, truth = moe_tuned
-    r = lorafast.extract(base, tuned, tmp_path / "out", rank=1, progress=False)
-    got = expert_deltas(load_quiet(r.output, base))
+    # Through the command line, as users run it.
+    assert cli(["extract", str(base), str(tuned), "--rank", "1", "-o", str(tmp_path / "out"), "-q"]) == 0
+    got = expert_deltas(load_quiet(tmp_path / "out", base))
     tuned_state = transformers.AutoModelForCausalLM.from_pretrained(str(tuned)).state_dict()
     for key, want in truth.items():
         w = tuned_weights(tuned_state, key)
@@ -231,3 +233,25 @@ def test_a_changed_router_is_named_not_extracted(tmp_path, moe_tuned):
     assert cfg["target_parameters"] == ["model.layers.1.mlp.experts.gate_up_proj"]
     got = expert_deltas(load_quiet(r.output, base))
     assert set(got) == {("model.layers.1.mlp.experts", "gate_up_proj")}
+
+
+def test_qwen2_moe_shared_experts_are_ordinary_linears(tmp_path):
+    """Qwen2-MoE's shared expert is nn.Linear (PEFT does not rename its leaves for this model type): extracted
+    into target_modules beside the expert parameters. Rank 1: its shared_expert_gate is [1, H]."""
+    base = save_moe(tmp_path / "base", "qwen2_moe", "fp32")
+    pm = moe_peft_model(base, r=R, lora_alpha=2 * R, target_modules=["q_proj", "shared_expert.up_proj"])
+    with torch.no_grad():
+        truth = {k: w.get_delta_weight("default").double() for k, w in param_wrappers(pm).items()}
+    pm.merge_and_unload().save_pretrained(tmp_path / "tuned")
+    r = lorafast.extract(base, tmp_path / "tuned", tmp_path / "out", rank=1, progress=False)
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    assert "up_proj" in cfg["target_modules"] and "shared_expert_gate" in cfg["target_modules"]
+    assert sorted(cfg["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    got = expert_deltas(load_quiet(r.output, base))
+    tuned_state = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "tuned")).state_dict()
+    for key, want in truth.items():
+        w = tuned_weights(tuned_state, key)
+        for e in range(want.shape[0]):
+            optimal = float(torch.linalg.svdvals(want[e])[1:].norm())
+            err = float((got[key][e] - want[e]).norm())
+            assert abs(err - optimal) <= bound(w[e], want[e]), (key, e, err, optimal)
