@@ -66,6 +66,48 @@ const ROW_EXPERTS: [&str; 12] = [
     "ernie4_5_moe",
 ];
 
+/// Module leaves PEFT renames into expert parameters when it loads a LoRA on these model types
+/// (`peft/utils/transformers_weight_conversion.py`, `_convert_peft_config_moe`: every `target_modules` entry
+/// ending in one of them becomes a `target_parameters` one, with `rank_pattern` 2r for gate/up), so a
+/// `target_modules` LoRA on a dense MLP or shared expert with these names cannot be loaded there.
+/// Model types from transformers 5.25's `_MODEL_TO_CONVERSION_PATTERN`.
+pub fn peft_remapped_leaves(model_type: Option<&str>) -> &'static [&'static str] {
+    const QWEN2_MOE: [&str; 27] = [
+        "Dots3NoteTextModel",
+        "afmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "deepseek_v32",
+        "dots1",
+        "ernie4_5_moe",
+        "glm4_moe",
+        "glm4_moe_lite",
+        "glm_moe_dsa",
+        "glm4v_moe",
+        "longcat_flash",
+        "solar_open",
+        "mellum",
+        "qwen3_moe",
+        "beam",
+        "qwen3_omni_moe",
+        "qwen3_omni_moe_thinker",
+        "qwen3_omni_moe_text",
+        "qwen3_next",
+        "hunyuan_v1_moe",
+        "flex_olmo",
+        "olmoe",
+        "sarvam_mla",
+        "exaone_moe",
+        "cohere2_moe",
+        "UnlimitedOcrTextModel",
+    ];
+    match model_type {
+        Some(t) if QWEN2_MOE.contains(&t) => &["gate", "gate_proj", "up_proj", "down_proj"],
+        Some("minimax" | "minimax_m2") => &["gate", "w1", "w3", "w2"],
+        _ => &[],
+    }
+}
+
 /// A wrapper saved in the adapter file: the module it belongs to and the parameter it wraps.
 #[derive(Debug, Clone)]
 pub struct Wrapped {
@@ -228,8 +270,9 @@ impl ExpertSlice {
     }
 }
 
-/// How an experts module lays out a 3-D parameter: `[E, in, out]` (true) or `[E, out, in]`.
-fn transposed(model_type: Option<&str>) -> Option<bool> {
+/// How an experts module lays out a 3-D parameter: `[E, in, out]` (true) or `[E, out, in]`; None for a
+/// model type whose experts lorafast does not know.
+pub fn transposed(model_type: Option<&str>) -> Option<bool> {
     match model_type {
         Some(t) if TRANSPOSED_EXPERTS.contains(&t) => Some(true),
         Some(t) if ROW_EXPERTS.contains(&t) => Some(false),
@@ -254,6 +297,26 @@ fn per_expert_names(param: &str) -> &'static [&'static [&'static str]] {
         "gate_up_proj" => &[&["gate_proj", "up_proj"], &["w1", "w3"]],
         "down_proj" => &[&["down_proj"], &["w2"]],
         _ => &[],
+    }
+}
+
+/// The fused parameter a per-expert Linear of a checkpoint is part of in memory (`gate_proj` / `w1` and
+/// `up_proj` / `w3` of `gate_up_proj`, `down_proj` / `w2` of `down_proj`), and its names in split order.
+pub fn fused_param(leaf: &str) -> Option<(&'static str, &'static [&'static str])> {
+    ["gate_up_proj", "down_proj"].into_iter().find_map(|p| {
+        per_expert_names(p)
+            .iter()
+            .find(|names| names.contains(&leaf))
+            .map(|names| (p, *names))
+    })
+}
+
+/// The experts module's path in memory for its path on disk (Mixtral's `block_sparse_moe` is `mlp`).
+pub fn memory_module(model_type: Option<&str>, disk: &str) -> String {
+    if model_type == Some("mixtral") {
+        disk.replace(".block_sparse_moe.", ".mlp.")
+    } else {
+        disk.to_string()
     }
 }
 

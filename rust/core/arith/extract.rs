@@ -7,16 +7,20 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::lowrank::{dense_svd, Dense, Factors, RandomizedOptions};
+use super::lowrank::{dense_svd, Dense, Factors, RandomizedOptions, Svd};
 use super::resize::check_energy;
-use super::{check_rank, lora_outputs, raw_tensor, set_ranks, tensor_seed, write_adapter, ArithReport, KEY_PREFIX};
+use super::{
+    check_rank, lora_outputs, pack_experts, raw_tensor, set_ranks, tensor_seed, write_adapter, ArithReport,
+    ModuleReport, OutTensor, KEY_PREFIX,
+};
 use crate::core::checkpoint::Checkpoint;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
+use crate::core::experts::{self, targeted_params, wrapper_path, ExpertParam, Landing};
 use crate::core::io::TensorEntry;
 use crate::core::layers::is_conv1d;
 use crate::core::layers::{is_embedding, is_embedding_or_output, leaf, HEADS};
-use crate::core::peft::LayerKind;
+use crate::core::peft::{AdapterConfig, LayerKind, CONFIG_NAME};
 use crate::core::pool;
 use crate::core::progress::Progress;
 use crate::core::staging::Staging;
@@ -65,25 +69,38 @@ fn matches(module: &str, name: &str) -> bool {
     module == name || module.ends_with(&format!(".{name}"))
 }
 
-/// The modules of 2-D float weights in `base`, with the ones targeted.
-fn targets(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Result<(Vec<Target>, Vec<String>)> {
+/// The modules of 2-D float weights in `base`, with the ones targeted. Expert weights (`experts`: the
+/// tensors the fused parameters cover) are not modules in memory; MoE routers (`routers`) are not
+/// `nn.Linear`: neither is a LoRA module.
+fn targets(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    opts: &ExtractOptions,
+    (experts, routers, params): (&BTreeSet<String>, &BTreeSet<String>, &[ExpertTarget]),
+) -> Result<(Vec<Target>, Vec<String>)> {
     let model_type = base.model_type();
     let linear: Vec<(&TensorEntry, &str)> = base
         .entries()
         .filter_map(|(_, t)| {
             let module = t.name.strip_suffix(".weight")?;
-            (t.shape.len() == 2 && t.float_type().is_some()).then_some((t, module))
+            (t.shape.len() == 2 && t.float_type().is_some() && !experts.contains(&t.name)).then_some((t, module))
         })
         .collect();
     let all_modules: Vec<String> = linear.iter().map(|(_, m)| m.to_string()).collect();
+    let remapped = experts::peft_remapped_leaves(model_type);
+    // Routers are not nn.Linear; PEFT would rename a LoRA on a remapped leaf into an expert parameter.
+    let not_lora = |m: &str| {
+        routers.contains(m) || routers.contains(&experts::memory_module(model_type, m)) || remapped.contains(&leaf(m))
+    };
     let chosen: Vec<&(&TensorEntry, &str)> = match &opts.targets {
         None => linear
             .iter()
-            .filter(|(_, m)| !is_embedding_or_output(leaf(m)) && !HEADS.contains(&leaf(m)))
+            .filter(|(_, m)| !is_embedding_or_output(leaf(m)) && !HEADS.contains(&leaf(m)) && !not_lora(m))
             .collect(),
         Some(names) => {
             for name in names {
-                if !linear.iter().any(|(_, m)| matches(m, name)) {
+                let param = params.iter().any(|p| matches(&p.key(), name));
+                if !param && !linear.iter().any(|(_, m)| matches(m, name)) {
                     return Err(Error::InvalidArgument(format!(
                         "target {name:?} matches no 2-D weight in {}",
                         base.dir.display()
@@ -92,7 +109,7 @@ fn targets(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Resu
             }
             linear
                 .iter()
-                .filter(|(_, m)| names.iter().any(|n| matches(m, n)))
+                .filter(|(_, m)| names.iter().any(|n| matches(m, n)) && !not_lora(m))
                 .collect()
         }
     };
@@ -138,7 +155,7 @@ fn targets(base: &Checkpoint, tuned: &Checkpoint, opts: &ExtractOptions) -> Resu
             cols,
         });
     }
-    if out.is_empty() {
+    if out.is_empty() && params.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "no linear layer to extract in {}",
             base.dir.display()
@@ -180,11 +197,17 @@ fn read_f32_chunk(
     Ok(())
 }
 
-/// d = TUNED - BASE in f32, chunk by chunk; returns ||d||_F^2.
-fn difference(base: &Checkpoint, tuned: &Checkpoint, name: &str, s: &mut Scratch) -> Result<f64> {
+/// d = TUNED - BASE in f32 for the `n` elements from `from`, chunk by chunk; returns ||d||_F^2.
+fn difference(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    name: &str,
+    from: usize,
+    n: usize,
+    s: &mut Scratch,
+) -> Result<f64> {
     let (_, eb) = base.get(name).expect("checked");
     let (_, et) = tuned.get(name).expect("checked");
-    let n = eb.numel();
     s.d.resize(n, 0.0);
     let mut energy = 0f64;
     for start in (0..n).step_by(CHUNK) {
@@ -193,8 +216,8 @@ fn difference(base: &Checkpoint, tuned: &Checkpoint, name: &str, s: &mut Scratch
         let [wb, wt] = &mut s.wide;
         wb.resize(len, 0.0);
         wt.resize(len, 0.0);
-        read_f32_chunk(base, eb, start, rb, &mut wb[..len])?;
-        read_f32_chunk(tuned, et, start, rt, &mut wt[..len])?;
+        read_f32_chunk(base, eb, from + start, rb, &mut wb[..len])?;
+        read_f32_chunk(tuned, et, from + start, rt, &mut wt[..len])?;
         let out = &mut s.d[start..start + len];
         for ((o, t), b) in out.iter_mut().zip(&wt[..len]).zip(&wb[..len]) {
             *o = t - b;
@@ -224,7 +247,8 @@ fn extract_module(
     opts: &ExtractOptions,
     s: &mut Scratch,
 ) -> Result<(Factors, f64)> {
-    let total = difference(base, tuned, &t.weight, s)?;
+    let n = base.get(&t.weight).expect("checked").1.numel();
+    let total = difference(base, tuned, &t.weight, 0, n, s)?;
     let d = if t.conv1d {
         // Conv1D stores (in, out); LoRA works on (out, in).
         s.transposed.resize(s.d.len(), 0.0);
@@ -324,9 +348,17 @@ pub fn extract(
     let staging = Staging::new(out, &[base, tuned], opts.overwrite)?;
     let base_ck = Checkpoint::open(base)?;
     let tuned_ck = Checkpoint::open(tuned)?;
-    let (targets, all_modules) = targets(&base_ck, &tuned_ck, opts)?;
+    let (params, expert_tensors, routers) = expert_targets(&base_ck, &tuned_ck, opts)?;
+    let (targets, all_modules) = targets(&base_ck, &tuned_ck, opts, (&expert_tensors, &routers, &params))?;
     let pool = pool::build(opts.threads)?;
-    progress.start(targets.iter().map(|t| (t.rows * t.cols) as u64).sum());
+    let expert_size = |t: &ExpertTarget| (t.rows * t.cols) as u64;
+    progress.start(
+        targets.iter().map(|t| (t.rows * t.cols) as u64).sum::<u64>()
+            + params
+                .iter()
+                .map(|t| expert_size(t) * t.param.experts as u64)
+                .sum::<u64>(),
+    );
     let results: Vec<(Factors, f64)> = pool.install(|| {
         targets
             .par_iter()
@@ -340,13 +372,32 @@ pub fn extract(
             })
             .collect::<Result<_>>()
     })?;
+    // Expert by expert: each its own SVD, as an ordinary module would get.
+    let jobs: Vec<(usize, usize)> = params
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| (0..t.param.experts).map(move |e| (i, e)))
+        .collect();
+    let expert_svds: Vec<Option<Svd>> = pool.install(|| {
+        jobs.par_iter()
+            .map_init(Scratch::default, |scratch, &(i, e)| {
+                if progress.cancelled() {
+                    return Err(Error::Interrupted);
+                }
+                let t = &params[i];
+                let r = extract_expert(&base_ck, &tuned_ck, t, e, opts, scratch)?;
+                progress.advance(&t.key(), expert_size(t));
+                Ok(r)
+            })
+            .collect::<Result<_>>()
+    })?;
 
     let mut warnings = Vec::new();
     let targeted: BTreeSet<&str> = targets.iter().map(|t| t.module.as_str()).collect();
     let mut changed: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for name in tuned_ck.tensor_names() {
         let module = name.rsplit_once('.').map_or("", |(m, _)| m);
-        if name.ends_with(".weight") && targeted.contains(module) {
+        if (name.ends_with(".weight") && targeted.contains(module)) || expert_tensors.contains(name) {
             continue;
         }
         if differs(&base_ck, &tuned_ck, name)? {
@@ -394,6 +445,51 @@ pub fn extract(
             .map(|(t, (f, e))| (t.module.as_str(), LayerKind::Linear, f, Some(e))),
         opts.dtype,
     );
+    // Parameter LoRAs under the wrapper path PEFT gives them (`base_layer` nesting when a module has two).
+    let mut param_names: Vec<String> = Vec::new();
+    let mut reports = reports;
+    if !params.is_empty() {
+        // The shortest target that picks exactly these parameters: `mlp.experts.gate_up_proj` style.
+        let short = |t: &ExpertTarget| {
+            let parts: Vec<&str> = t.module.rsplit('.').take(2).collect();
+            format!("{}.{}.{}", parts.get(1).copied().unwrap_or(""), parts[0], t.param.name)
+                .trim_start_matches('.')
+                .to_string()
+        };
+        let shorts: BTreeSet<String> = params.iter().map(short).collect();
+        param_names = if opts.targets.is_none() {
+            shorts.into_iter().collect()
+        } else {
+            params.iter().map(ExpertTarget::key).collect()
+        };
+    }
+    let parsed = AdapterConfig::from_value(
+        Path::new(CONFIG_NAME),
+        json!({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_parameters": param_names}),
+    )?;
+    let mut svds = expert_svds.into_iter();
+    for t in &params {
+        let mine: Vec<Option<Svd>> = svds.by_ref().take(t.param.experts).collect();
+        let (f, energy, k) = pack_parameter(t, &mine, opts);
+        let wrapper = wrapper_path(&t.module, &t.param.name, &targeted_params(&parsed, &t.module));
+        tensors.push(OutTensor::float(
+            format!("{KEY_PREFIX}{wrapper}.lora_A.weight"),
+            opts.dtype,
+            vec![f.rank, t.cols],
+            &f.a,
+        ));
+        tensors.push(OutTensor::float(
+            format!("{KEY_PREFIX}{wrapper}.lora_B.weight"),
+            opts.dtype,
+            vec![t.rows, f.rank],
+            &f.b,
+        ));
+        reports.push(ModuleReport {
+            module: t.key(),
+            rank: k,
+            energy: Some(energy),
+        });
+    }
     let saved_count = saved.len();
     tensors.extend(saved);
 
@@ -423,6 +519,9 @@ pub fn extract(
         "layers_pattern": null,
         "exclude_modules": null,
     });
+    if !param_names.is_empty() {
+        config["target_parameters"] = Value::from(param_names);
+    }
     let ranks: Vec<(String, usize)> = reports.iter().map(|r| (r.module.clone(), r.rank)).collect();
     set_ranks(&mut config, &ranks);
     let output = write_adapter(staging, &config, tensors, &mut warnings)?;
@@ -433,4 +532,289 @@ pub fn extract(
         seconds: started.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// A fused expert parameter to extract as a `target_parameters` LoRA: each expert's delta as PEFT's
+/// `ParamWrapper` sees it (`[out, in]`, `rows` x `cols`), assembled from the tensors in `landings`.
+struct ExpertTarget {
+    /// The experts module's path in memory (Mixtral: `mlp`, not `block_sparse_moe`).
+    module: String,
+    param: ExpertParam,
+    rows: usize,
+    cols: usize,
+    landings: Vec<Landing>,
+}
+
+impl ExpertTarget {
+    fn key(&self) -> String {
+        format!("{}.{}", self.module, self.param.name)
+    }
+}
+
+/// `m.{e}.{leaf}.weight` with `m` an experts module: (m, e, leaf).
+fn per_expert_weight(name: &str) -> Option<(&str, usize, &str)> {
+    let module = name.strip_suffix(".weight")?;
+    let (rest, leaf) = module.rsplit_once('.')?;
+    let (m, e) = rest.rsplit_once('.')?;
+    let e: usize = e.parse().ok()?;
+    (m == "experts" || m.ends_with(".experts")).then_some((m, e, leaf))
+}
+
+/// `m.param` with `m` an experts module: (m, param).
+fn fused_tensor(name: &str) -> Option<(&str, &str)> {
+    let (m, param) = name.rsplit_once('.')?;
+    (m == "experts" || m.ends_with(".experts")).then_some((m, param))
+}
+
+/// The fused expert parameters of an MoE checkpoint pair (empty for other models), the stored tensors
+/// they cover, and the router modules (not `nn.Linear` in transformers 5, so never a LoRA target).
+fn expert_targets(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    opts: &ExtractOptions,
+) -> Result<(Vec<ExpertTarget>, BTreeSet<String>, BTreeSet<String>)> {
+    let model_type = base.model_type();
+    let known = experts::transposed(model_type).is_some();
+    // (disk module, param) -> (expert count, names in split order, in, out)
+    let mut found: BTreeMap<(String, &'static str), (usize, usize, usize)> = BTreeMap::new();
+    let mut covered = BTreeSet::new();
+    for (_, t) in base.entries() {
+        if t.float_type().is_none() {
+            continue;
+        }
+        if let Some((m, e, leaf)) = per_expert_weight(&t.name).filter(|_| known && t.shape.len() == 2) {
+            let Some((param, names)) = experts::fused_param(leaf) else {
+                return Err(Error::unsupported(
+                    &t.name,
+                    format!(
+                        "unknown expert layout: {leaf} is not a per-expert weight lorafast knows for model_type \
+                         {model_type:?} (gate_proj/up_proj/down_proj, w1/w3/w2)"
+                    ),
+                ));
+            };
+            covered.insert(t.name.clone());
+            let (i, h) = (t.shape[0], t.shape[1]);
+            let (n_in, n_out) = if param == "down_proj" {
+                (h, i)
+            } else {
+                (h, i * names.len())
+            };
+            let slot = found.entry((m.to_string(), param)).or_insert((0, n_in, n_out));
+            slot.0 = slot.0.max(e + 1);
+            continue;
+        }
+        let Some((m, param)) = fused_tensor(&t.name).filter(|_| t.shape.len() >= 2) else {
+            continue;
+        };
+        if param.ends_with("_bias") {
+            covered.insert(t.name.clone());
+            if tuned.get(&t.name).is_some() && differs(base, tuned, &t.name)? {
+                return Err(Error::unsupported(
+                    &t.name,
+                    "the expert bias changed; a target_parameters LoRA cannot carry it (extract the weights of a \
+                     model whose expert biases are unchanged)",
+                ));
+            }
+            continue;
+        }
+        if t.shape.len() != 3 {
+            continue;
+        }
+        let (param, transposed) = match (param, experts::transposed(model_type)) {
+            ("gate_up_proj", Some(tr)) => ("gate_up_proj", tr),
+            ("down_proj", Some(tr)) => ("down_proj", tr),
+            _ => {
+                return Err(Error::unsupported(
+                    &t.name,
+                    format!(
+                        "unknown expert layout: a {:?} expert tensor {param} for model_type {model_type:?} \
+                         (lorafast knows gate_up_proj and down_proj of {})",
+                        t.shape, "qwen2/3-moe, mixtral, gpt_oss and the other transformers-5 experts modules"
+                    ),
+                ))
+            }
+        };
+        covered.insert(t.name.clone());
+        let (n_in, n_out) = if transposed {
+            (t.shape[1], t.shape[2])
+        } else {
+            (t.shape[2], t.shape[1])
+        };
+        found.insert((m.to_string(), param), (t.shape[0], n_in, n_out));
+    }
+    // Per-expert weights of the tuned checkpoint beyond the base's experts.
+    for name in tuned.tensor_names() {
+        if let Some((m, e, leaf)) = per_expert_weight(name).filter(|_| known) {
+            if let Some((param, _)) = experts::fused_param(leaf) {
+                if let Some((count, _, _)) = found.get(&(m.to_string(), param)) {
+                    if e >= *count {
+                        return Err(Error::shape(
+                            name,
+                            format!(
+                                "{} has expert tensor {name} but {} has {count} experts in {m}",
+                                tuned.dir.display(),
+                                base.dir.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let find_in = |ck: &Checkpoint, n: &str| ck.get(n).map(|(_, t)| (t.name.clone(), t.shape.clone()));
+    let mut out = Vec::new();
+    let mut routers = BTreeSet::new();
+    for ((disk, param), (count, n_in, n_out)) in found {
+        let module = experts::memory_module(model_type, &disk);
+        let p = ExpertParam {
+            name: param.to_string(),
+            experts: count,
+        };
+        let key = format!("{module}.{param}");
+        if let Some(names) = &opts.targets {
+            if !names.iter().any(|n| matches(&key, n)) {
+                continue;
+            }
+        }
+        let find_base = |n: &str| find_in(base, n);
+        let landings = experts::locate(model_type, &module, &p, (n_in, n_out), &find_base)?;
+        for (name, _, _) in &landings {
+            let (_, bt) = base.get(name).expect("located");
+            let Some((_, tt)) = tuned.get(name) else {
+                return Err(Error::shape(
+                    &key,
+                    format!("{} has no tensor {name}", tuned.dir.display()),
+                ));
+            };
+            if tt.shape != bt.shape {
+                return Err(Error::shape(
+                    &key,
+                    format!(
+                        "{name} is {:?} in {} but {:?} in {} (a different expert count or size)",
+                        bt.shape,
+                        base.dir.display(),
+                        tt.shape,
+                        tuned.dir.display()
+                    ),
+                ));
+            }
+        }
+        check_rank(&key, opts.rank, n_out, n_in)?;
+        if let Some(parent) = disk.strip_suffix(".experts") {
+            for r in ["gate", "router"] {
+                routers.insert(format!("{parent}.{r}"));
+            }
+        }
+        out.push(ExpertTarget {
+            module,
+            param: p,
+            rows: n_out,
+            cols: n_in,
+            landings,
+        });
+    }
+    Ok((out, covered, routers))
+}
+
+/// Expert `e`'s delta `[out, in]` (PEFT's orientation) into `delta`; returns its squared norm.
+fn expert_delta(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    t: &ExpertTarget,
+    e: usize,
+    s: &mut Scratch,
+    delta: &mut Vec<f32>,
+) -> Result<f64> {
+    let (rows, cols) = (t.rows, t.cols);
+    delta.clear();
+    delta.resize(rows * cols, 0.0);
+    for (name, transposed, slice) in &t.landings {
+        match slice.expert {
+            Some(x) if x != e => continue,
+            Some(_) => {
+                let (_, entry) = base.get(name).expect("located");
+                difference(base, tuned, name, 0, entry.numel(), s)?;
+                delta[slice.rows.start * cols..slice.rows.end * cols].copy_from_slice(&s.d);
+            }
+            None => {
+                let n = rows * cols;
+                difference(base, tuned, name, e * n, n, s)?;
+                if *transposed {
+                    // Stored [in, out]: PEFT's delta is its transpose.
+                    for i in 0..cols {
+                        for j in 0..rows {
+                            delta[j * cols + i] = s.d[i * rows + j];
+                        }
+                    }
+                } else {
+                    delta.copy_from_slice(&s.d);
+                }
+            }
+        }
+    }
+    Ok(sum_squares(delta))
+}
+
+/// One expert's truncated SVD (None: its delta is zero).
+fn extract_expert(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    t: &ExpertTarget,
+    e: usize,
+    opts: &ExtractOptions,
+    s: &mut Scratch,
+) -> Result<Option<Svd>> {
+    let mut delta = std::mem::take(&mut s.transposed);
+    let total = expert_delta(base, tuned, t, e, s, &mut delta)?;
+    let key = t.key();
+    let result = if !total.is_finite() {
+        let i = delta.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        Err(Error::NonFinite {
+            tensor: format!("{key} (expert {e})"),
+            reason: format!("the difference is not finite at element {i}"),
+        })
+    } else if total == 0.0 {
+        Ok(None)
+    } else {
+        let dense = Dense {
+            values: &delta,
+            rows: t.rows,
+            cols: t.cols,
+            total_energy: total,
+        };
+        let seed = tensor_seed(0, &key, "extract", e);
+        dense_svd(dense, opts.rank, &opts.svd, seed, &key).map(Some)
+    };
+    s.transposed = delta;
+    result
+}
+
+/// Every expert's factors at the parameter's one rank (the largest any expert needs under `energy`),
+/// packed into PEFT's layout, and the smallest energy share kept over the experts.
+fn pack_parameter(t: &ExpertTarget, svds: &[Option<Svd>], opts: &ExtractOptions) -> (Factors, f64, usize) {
+    let k = svds
+        .iter()
+        .flatten()
+        .map(|svd| match opts.energy {
+            Some(share) => svd.rank_for_energy(share, opts.rank),
+            None => opts.rank,
+        })
+        .max()
+        .unwrap_or(1);
+    let per_expert: Vec<Factors> = svds
+        .iter()
+        .map(|svd| match svd {
+            Some(svd) => svd.factors(k, k),
+            None => Factors {
+                b: vec![0.0; t.rows * k],
+                a: vec![0.0; k * t.cols],
+                rank: k,
+            },
+        })
+        .collect();
+    let energy = svds
+        .iter()
+        .map(|svd| svd.as_ref().map_or(1.0, |svd| svd.energy(k)))
+        .fold(1.0f64, f64::min);
+    (pack_experts(&per_expert), energy, k)
 }
