@@ -215,9 +215,11 @@ def test_bad_moe_pairs_are_one_line_naming_the_tensor(tmp_path, capsys, moe_tune
 
 def test_a_changed_router_is_named_not_extracted(tmp_path, moe_tuned):
     arch, base, tuned, _ = moe_tuned
-    if arch != "qwen3_moe":
-        pytest.skip("one architecture is enough: the router rule is the same")
-    router = "model.layers.1.mlp.gate.weight"
+    router = {
+        "qwen3_moe": "model.layers.1.mlp.gate.weight",
+        "mixtral": "model.layers.1.block_sparse_moe.gate.weight",
+        "gpt_oss": "model.layers.1.mlp.router.weight",
+    }[arch]
 
     def nudge(s):
         s[router] = s[router] + 0.01
@@ -230,9 +232,10 @@ def test_a_changed_router_is_named_not_extracted(tmp_path, moe_tuned):
     # Explicit targets may name the expert parameters: full module.param names then.
     r = lorafast.extract(base, tuned, tmp_path / "gu", rank=R, targets=["q_proj", "gate_up_proj"], progress=False)
     cfg = json.loads((r.output / "adapter_config.json").read_text())
-    assert cfg["target_parameters"] == ["model.layers.1.mlp.experts.gate_up_proj"]
+    layers = [1] if arch == "qwen3_moe" else [0, 1]  # the test's Qwen3-MoE has a dense first layer
+    assert cfg["target_parameters"] == [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in layers]
     got = expert_deltas(load_quiet(r.output, base))
-    assert set(got) == {("model.layers.1.mlp.experts", "gate_up_proj")}
+    assert set(got) == {(f"model.layers.{i}.mlp.experts", "gate_up_proj") for i in layers}
 
 
 def test_qwen2_moe_shared_experts_are_ordinary_linears(tmp_path):
