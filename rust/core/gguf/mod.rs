@@ -183,9 +183,9 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
         Arch::Llama => config_usize(base, &["num_local_experts"]),
         _ => config_usize(base, &["num_local_experts", "num_experts"]),
     };
-    // A layer's expert matrices as read, (slot, expert) -> job, until the layer has all of them: then the
-    // converter yields its three stacked tensors.
-    let mut experts: BTreeMap<usize, HashMap<(usize, usize), usize>> = BTreeMap::new();
+    // A layer's expert matrices as read, (slot, expert) -> (job, stacked tensor's name), until the layer
+    // has all of them: then the converter yields its three stacked tensors.
+    let mut experts: BTreeMap<usize, LayerExperts> = BTreeMap::new();
     for i in order {
         let job = &merge_plan.jobs[i];
         if let Some(x) = arch::expert_tensor(arch, &job.out_name) {
@@ -199,22 +199,14 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
                 )
             })?;
             let layer = experts.entry(x.layer).or_default();
-            layer.insert((x.slot, x.expert), i);
+            layer.insert((x.slot, x.expert), (i, x.gguf_name));
             if layer.len() < 3 * n {
                 continue;
             }
             let layer = experts.remove(&x.layer).expect("present");
             for slot in 0..3 {
-                let jobs: Vec<usize> = (0..n)
-                    .map(|e| {
-                        layer.get(&(slot, e)).copied().ok_or_else(|| {
-                            Error::unsupported(
-                                dir,
-                                format!("layer {}: expert {e} lacks a matrix its other experts have", x.layer),
-                            )
-                        })
-                    })
-                    .collect::<Result<_>>()?;
+                // 3 * n distinct (slot < 3, expert < n) keys: every one is there.
+                let jobs: Vec<usize> = (0..n).map(|e| layer[&(slot, e)].0).collect();
                 let first = float_source(jobs[0])?;
                 for &j in &jobs {
                     if float_source(j)? != first || first.1 == 1 {
@@ -228,9 +220,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
                     }
                 }
                 let (source, rows, cols) = first;
-                let name = arch::expert_tensor(arch, &merge_plan.jobs[jobs[0]].out_name)
-                    .map(|x| x.gguf_name)
-                    .unwrap_or_default();
+                let name = layer[&(slot, 0)].1.clone();
                 tensors.push(GgufTensor {
                     info: TensorInfo {
                         name,
@@ -458,6 +448,9 @@ struct GgufDest<'a> {
     /// Heads of permuted tensors split across tiles: (tensor, head) -> (encoded rows, rows filled).
     held_heads: Mutex<HashMap<(usize, usize), HeldHead>>,
 }
+
+/// One layer's expert matrices read so far: (slot, expert) -> (merge job, stacked tensor's GGUF name).
+type LayerExperts = HashMap<(usize, usize), (usize, String)>;
 
 /// A head's encoded rows, and how many of them are filled.
 type HeldHead = (Vec<u8>, usize);
