@@ -63,6 +63,7 @@ def main() -> None:
             put("adapter_folder", name, join(json.dumps(cfg).encode(), (a / "adapter_model.safetensors").read_bytes()))
 
         expert_seeds()
+        gguf_seeds()
 
         for quant_type, dq, bs in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 128)):
             q = lorafast.quantize(
@@ -109,6 +110,34 @@ def expert_seeds() -> None:
         cfg.update(extra)
         tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
         put("expert_adapter", name, join(json.dumps(cfg).encode(), save(tensors)))
+
+
+def gguf_seeds() -> None:
+    """One-layer MoE checkpoints as transformers saves them (per-expert Linears, Qwen3-MoE's and Mixtral's
+    names), two experts, hidden 8, intermediate 4, for `gguf_experts`."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    common = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    kinds = {
+        "qwen3-moe": ("Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), {"num_experts": 2}),
+        "mixtral": ("MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), {"num_local_experts": 2}),
+    }
+    for name, (arch, block, (gate, up, down), extra) in kinds.items():
+        p = f"model.layers.0.{block}"
+        shapes = {
+            "model.embed_tokens.weight": (32, 8),
+            "model.layers.0.self_attn.q_proj.weight": (8, 8),
+            "model.layers.0.self_attn.k_proj.weight": (4, 8),
+            "model.layers.0.input_layernorm.weight": (8,),
+            f"{p}.gate.weight": (2, 8),
+        }
+        for e in range(2):
+            shapes.update({f"{p}.experts.{e}.{gate}.weight": (4, 8), f"{p}.experts.{e}.{up}.weight": (4, 8)})
+            shapes[f"{p}.experts.{e}.{down}.weight"] = (8, 4)
+        cfg = {"architectures": [arch], **common, **extra}
+        tensors = {k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}
+        put("gguf_experts", name, join(json.dumps(cfg).encode(), save(tensors)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 //! Entry points for the coverage-guided fuzzers in `fuzz/` and for the replay of their corpora that
 //! `cargo test` runs. Each feeds arbitrary bytes, as the files a user might hand lorafast, to the code
 //! that reads untrusted input: safetensors headers and shard indexes, `adapter_config.json` with the
-//! adapter file it describes, and bitsandbytes quant states with the 4-bit tensors they describe.
+//! adapter file it describes, bitsandbytes quant states with the 4-bit tensors they describe, and the
+//! MoE checkpoints whose experts the GGUF writer stacks.
 //! Returning - with a result or a clean error - is success; a panic, hang or runaway allocation is a bug.
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use crate::core::checkpoint::{Checkpoint, INDEX_NAME, SINGLE_NAME};
+use crate::core::gguf::{self, FileType, GgufOptions};
 use crate::core::merge::plan::plan;
 use crate::core::merge::source::Base;
 use crate::core::merge::MergeOptions;
@@ -18,11 +20,12 @@ use crate::core::quant::checkpoint::{dequantize_checkpoint, quantized_weights};
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by the name of their corpus folder under `fuzz/corpus/`.
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("safetensors_checkpoint", safetensors_checkpoint),
     ("adapter_folder", adapter_folder),
     ("quantized_checkpoint", quantized_checkpoint),
     ("expert_adapter", expert_adapter),
+    ("gguf_experts", gguf_experts),
 ];
 
 /// Inputs with two files: a 2-byte little-endian length, the first file, then the second.
@@ -178,6 +181,31 @@ pub fn expert_adapter(data: &[u8]) {
     }
 }
 
+/// A model folder (`config.json`, `model.safetensors`) planned as GGUF with a llama-quantize mix: the
+/// architecture and expert count from the config, each layer's expert matrices stacked (names, expert
+/// indices, shapes and dtypes that must agree), and every tensor's type chosen.
+pub fn gguf_experts(data: &[u8]) {
+    let (config, file) = split(data);
+    let dir = scratch().join("in");
+    write(&dir, "config.json", config);
+    write(&dir, SINGLE_NAME, file);
+    let opts = GgufOptions {
+        file_type: FileType::Q4KM,
+        merge: MergeOptions::default(),
+        extra: Vec::new(),
+    };
+    if let Ok(p) = gguf::plan(&dir, &[], &opts) {
+        for t in &p.tensors {
+            assert_eq!(
+                t.rows * t.cols,
+                t.info.shape.iter().product::<usize>(),
+                "{}",
+                t.info.name
+            );
+        }
+    }
+}
+
 /// A pre-quantized 4-bit checkpoint: `config.json` and `model.safetensors` with quant states; then
 /// every quant state parsed and the checkpoint dequantized.
 pub fn quantized_checkpoint(data: &[u8]) {
@@ -236,6 +264,27 @@ mod tests {
             let adapter = Adapter::open(&dir).expect("adapter");
             let p = plan(&base, &[adapter], &MergeOptions::default()).expect("plans");
             assert!(p.jobs.iter().filter(|j| !j.steps.is_empty()).count() >= 3);
+        }
+    }
+
+    /// The GGUF seeds reach the stacking: a Qwen3-MoE and a Mixtral checkpoint plan with stacked experts.
+    #[test]
+    fn gguf_seeds_stack_experts() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf_experts");
+        for seed in ["seed-qwen3-moe", "seed-mixtral"] {
+            let data = std::fs::read(root.join(seed)).expect("seed");
+            let (config, file) = split(&data);
+            let dir = scratch().join("in");
+            write(&dir, "config.json", config);
+            write(&dir, SINGLE_NAME, file);
+            let opts = GgufOptions {
+                file_type: FileType::Q4KM,
+                merge: MergeOptions::default(),
+                extra: Vec::new(),
+            };
+            let p = gguf::plan(&dir, &[], &opts).expect("plans");
+            let stacked = p.tensors.iter().find(|t| t.info.name == "blk.0.ffn_down_exps.weight");
+            assert_eq!(stacked.map(|t| t.info.shape.clone()), Some(vec![2, 8, 4]), "{seed}");
         }
     }
 
