@@ -119,6 +119,11 @@ READ_KEYS = [
     *("is_causal", "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"),
     *("head_dim", "classifier_pooling", "vocab_size", "vocab_size_per_layer_input", "type_vocab_size"),
     *("id2label", "_rope"),
+    # the mixture-of-experts keys
+    *("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "num_experts_per_token"),
+    *("top_k_experts", "n_group", "topk_group", "score_function", "scoring_func", "score_func"),
+    *("moe_router_activation", "moe_router_activation_func", "expert_selection_fn"),
+    *("moe_intermediate_size", "shared_expert_intermediate_size"),
 ]
 CONFIGS = [
     {"model_type": "llama"},
@@ -151,6 +156,16 @@ CONFIGS = [
     {"model_type": "mistral", "head_dim": None, "sliding_window": None, "max_position_embeddings": 32768},
     {"model_type": "qwen2", "num_key_value_heads": None, "use_sliding_window": True, "rope_theta": 1e6},
     {"model_type": "qwen2", "partial_rotary_factor": 0.5, "num_hidden_layers": 3},
+    {"model_type": "qwen2_moe"},
+    {"model_type": "qwen2_moe", "num_key_value_heads": None, "num_experts": 8, "rope_theta": 1e6},
+    {"model_type": "qwen2_moe", "shared_expert_intermediate_size": 64, "moe_intermediate_size": 32},
+    {"model_type": "qwen3_moe"},
+    {"model_type": "qwen3_moe", "num_experts": 8, "head_dim": 64, "num_experts_per_tok": 2},
+    {"model_type": "qwen3_moe", "num_local_experts": 16, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    {"model_type": "mixtral"},
+    {"model_type": "mixtral", "head_dim": None, "num_experts": 4},
+    {"model_type": "mixtral", "num_local_experts": 4, "rope_theta": 1e4, "head_dim": 32},
+    {"model_type": "mixtral", "rope_parameters": {"rope_type": "default"}},
 ]
 
 
@@ -174,6 +189,9 @@ def test_configs_the_defaults_do_not_cover_go_to_transformers():
     assert lgguf._config_dict_light({"model_type": "llama", "rope_scaling": {"rope_type": "longrope"}}) is None
     assert lgguf._config_dict_light({"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3}) is None
     assert lgguf._config_dict_light({"model_type": "llava", "text_config": {"model_type": "llama"}}) is None
+    # a field transformers types `int` set to None: transformers refuses it, the converter reads the json
+    assert lgguf._config_dict_light({"model_type": "mixtral", "num_key_value_heads": None}) is None
+    assert lgguf._config_dict_light({"model_type": "qwen3_moe", "num_experts": None}) is None
 
 
 def with_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> Path:

@@ -112,6 +112,25 @@ def test_moe_gguf_is_byte_identical_to_the_converter(llama_cpp_dir, moe_bf16, tm
     assert report.tensors == len(names)
 
 
+def test_moe_gguf_reads_config_and_tokenizer_without_torch(moe_bf16, tmp_path):
+    """The hyperparameters and the vocabulary come from config.json and tokenizer.json (or tokenizer.model)
+    directly: transformers, and torch with it, is never imported (its import is most of the time and
+    memory the command would take otherwise)."""
+    import subprocess
+    import sys
+
+    arch, base, adapter, _ = moe_bf16
+    out = tmp_path / "m.gguf"
+    code = (
+        "import sys, lorafast.gguf as g;"
+        f"g.to_gguf({str(base)!r}, [{str(adapter)!r}], {str(out)!r}, type='q8_0', progress=False);"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
+    assert out.is_file()
+
+
 def test_moe_gguf_runs_in_llama_cpp(llama_cpp, tmp_path, gpt2_tokenizer_dir):
     """f32 weights, f32 KV cache: llama.cpp's logits equal transformers' on the merged model up to summation
     order (test_gguf_runtime's bound: 1e-4 of the largest logit), and the adapter moved them well beyond it.

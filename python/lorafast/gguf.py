@@ -68,6 +68,46 @@ _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
     },
+    "qwen2_moe": {
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "num_experts_per_tok": 4,
+        "num_experts": 60,
+    },
+    "qwen3_moe": {
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "moe_intermediate_size": 768,
+        "num_experts_per_tok": 8,
+        "num_local_experts": 128,
+    },
+    "mixtral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": None,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "num_experts_per_tok": 2,
+        "num_local_experts": 8,
+    },
     "bert": {
         "vocab_size": 30522,
         "hidden_size": 768,
@@ -80,17 +120,37 @@ _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# Where a config class differs from the rest: its `attribute_map` (config.json's name -> the attribute
+# to_dict() writes), a `default_theta` other than 10000, and the `None`s its __post_init__ leaves as they are.
+_ATTRIBUTE_MAPS = {"qwen3_moe": {"num_experts": "num_local_experts"}, "mixtral": {"num_experts": "num_local_experts"}}
+_DEFAULT_THETA = {"mixtral": 1000000.0}
+_KEEPS_NONE = {"mixtral": ("head_dim",), "qwen2_moe": ("num_key_value_heads",)}
+# Fields typed `int` (not `int | None`) beyond the four every class checks: transformers' strict dataclass
+# validation refuses anything else, and the converter then reads config.json as it is.
+_EXPERT_INTS = ("num_experts_per_tok", "moe_intermediate_size")
+_INT_FIELDS = {
+    "mistral": ("num_key_value_heads",),
+    "qwen2_moe": ("num_experts", "shared_expert_intermediate_size", *_EXPERT_INTS),
+    "qwen3_moe": ("num_key_value_heads", "num_local_experts", *_EXPERT_INTS),
+    "mixtral": ("num_key_value_heads", "num_local_experts", "num_experts_per_tok"),
+}
 
 
 def _config_dict_light(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """`AutoConfig.from_pretrained(...).to_dict()` for the keys the metadata reads, rebuilt from
     config.json as transformers' config classes fill it in (defaults, head_dim and kv heads derived,
     rope keys gathered into `rope_parameters`); None for anything else, which goes to transformers."""
-    defaults = _CONFIG_DEFAULTS.get(config.get("model_type", ""))
+    model_type = config.get("model_type", "")
+    defaults = _CONFIG_DEFAULTS.get(model_type)
     if defaults is None or "text_config" in config:
         return None
+    config = dict(config)
+    for name, attribute in _ATTRIBUTE_MAPS.get(model_type, {}).items():
+        if name in config:
+            config[attribute] = config.pop(name)
     hp = {**config, **{k: v for k, v in defaults.items() if k not in config}}
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
+    int_fields = ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings")
+    for key in int_fields + _INT_FIELDS.get(model_type, ()):
         if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
             return None  # transformers' validation decides
     if hp["hidden_size"] % hp["num_attention_heads"] != 0:
@@ -101,16 +161,17 @@ def _config_dict_light(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         hp["id2label"] = {i: f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
     if config["model_type"] == "bert":
         return hp
-    if "head_dim" in defaults and hp["head_dim"] is None:
+    keeps_none = _KEEPS_NONE.get(model_type, ())
+    if "head_dim" in defaults and hp["head_dim"] is None and "head_dim" not in keeps_none:
         hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
-    if hp["num_key_value_heads"] is None:
+    if hp["num_key_value_heads"] is None and "num_key_value_heads" not in keeps_none:
         hp["num_key_value_heads"] = hp["num_attention_heads"]
     # RotaryEmbeddingConfigMixin.convert_rope_params_to_dict + standardize_rope_params (flat case).
     rope = hp.pop("rope_scaling", None) or hp.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         return None
     rope = dict(rope)
-    rope.setdefault("rope_theta", hp.pop("rope_theta", 10000.0))
+    rope.setdefault("rope_theta", hp.pop("rope_theta", _DEFAULT_THETA.get(model_type, 10000.0)))
     if "partial_rotary_factor" in hp:
         rope.setdefault("partial_rotary_factor", hp.pop("partial_rotary_factor"))
     rope.setdefault("rope_type", rope.get("type", "default"))
@@ -327,14 +388,19 @@ def _looks_special(token: str) -> bool:
 
 
 def _vocab_base(model_dir: Path, hparams: dict[str, Any]) -> tuple[list[str], list[int], str]:
-    """`get_vocab_base`: a BPE or WordPiece vocabulary through transformers, with llama.cpp's name for the
-    pre-tokenizer (found by the hash of the ids of a fixed text)."""
+    """`get_vocab_base`: a BPE or WordPiece vocabulary as transformers loads it, with llama.cpp's name for the
+    pre-tokenizer (found by the hash of the ids of a fixed text). A byte-level BPE tokenizer.json that
+    transformers takes as it is is read with `tokenizers` alone (`_gguf_tokenizer`), without torch."""
     import gguf
-    from transformers import AutoTokenizer
 
+    from lorafast import _gguf_tokenizer
     from lorafast._gguf_pretokenizers import CHKTXT, PRE_TOKENIZERS
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer: Any = _gguf_tokenizer.load(model_dir)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab_size = hparams.get("vocab_size", len(tokenizer.vocab))
     chkhsh = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
     pre = PRE_TOKENIZERS.get(chkhsh)
