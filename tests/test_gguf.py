@@ -125,6 +125,8 @@ READ_KEYS = [
     *("moe_router_activation", "moe_router_activation_func", "expert_selection_fn"),
     *("moe_intermediate_size", "shared_expert_intermediate_size"),
 ]
+# Keys only one architecture's metadata reads.
+READ_KEYS_OF = {"gpt_oss": ["sliding_window"]}
 CONFIGS = [
     {"model_type": "llama"},
     {"model_type": "mistral"},
@@ -166,6 +168,10 @@ CONFIGS = [
     {"model_type": "mixtral", "head_dim": None, "num_experts": 4},
     {"model_type": "mixtral", "num_local_experts": 4, "rope_theta": 1e4, "head_dim": 32},
     {"model_type": "mixtral", "rope_parameters": {"rope_type": "default"}},
+    {"model_type": "gpt_oss"},
+    {"model_type": "gpt_oss", "num_experts": 4, "sliding_window": 4, "head_dim": 16, "hidden_size": 64},
+    {"model_type": "gpt_oss", "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "truncate": True}},
+    {"model_type": "gpt_oss", "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0}},
 ]
 
 
@@ -180,7 +186,7 @@ def test_config_defaults_match_transformers(tmp_path, config):
     assert light is not None
     theirs = lgguf._normalized(lgguf._config_dict_transformers(tmp_path))
     ours = lgguf._normalized(light)
-    for key in READ_KEYS:
+    for key in READ_KEYS + READ_KEYS_OF.get(config["model_type"], []):
         assert (key in ours, ours.get(key)) == (key in theirs, theirs.get(key)), key
 
 
@@ -192,6 +198,7 @@ def test_configs_the_defaults_do_not_cover_go_to_transformers():
     # a field transformers types `int` set to None: transformers refuses it, the converter reads the json
     assert lgguf._config_dict_light({"model_type": "mixtral", "num_key_value_heads": None}) is None
     assert lgguf._config_dict_light({"model_type": "qwen3_moe", "num_experts": None}) is None
+    assert lgguf._config_dict_light({"model_type": "gpt_oss", "head_dim": None}) is None
 
 
 def with_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> Path:

@@ -30,6 +30,13 @@ pytestmark = [
 ]
 
 
+# GptOssConfig's default rope (transformers 5.25), as the released checkpoints have it.
+GPT_OSS_ROPE = dict(
+    rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+    original_max_position_embeddings=4096, rope_theta=150000.0,
+)  # fmt: skip
+
+
 def moe_config(arch: str, vocab: int, **kw):
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     if arch == "qwen3_moe":
@@ -43,6 +50,13 @@ def moe_config(arch: str, vocab: int, **kw):
             num_experts_per_tok=2,
         )  # fmt: skip
         cls = transformers.Qwen2MoeConfig
+    elif arch == "gpt_oss":
+        # (bf16 experts, as a dequantized or fine-tuned GPT-OSS is saved; the MXFP4 checkpoints are issue 20's)
+        specific = dict(
+            intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+        cls = transformers.GptOssConfig
     else:
         specific = dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
         cls = transformers.MixtralConfig
@@ -80,7 +94,7 @@ def save_expert_adapter(base: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"])
 def moe_bf16(request, tmp_path_factory, gpt2_tokenizer_dir):
     root = tmp_path_factory.mktemp(request.param)
     base = save_moe_model(root / "base", request.param, torch.bfloat16, gpt2_tokenizer_dir)
@@ -136,9 +150,16 @@ def test_moe_gguf_runs_in_llama_cpp(llama_cpp, tmp_path, gpt2_tokenizer_dir):
     order (test_gguf_runtime's bound: 1e-4 of the largest logit), and the adapter moved them well beyond it.
     Every expert is used for every token (num_experts_per_tok = the expert count) so that a routing tie
     cannot pick other experts on the two sides."""
-    for arch in ("qwen3_moe", "qwen2_moe", "mixtral"):
+    for arch in ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"):
         n = 8 if arch == "qwen3_moe" else 4
-        base = save_moe_model(tmp_path / arch / "base", arch, torch.float32, gpt2_tokenizer_dir, num_experts_per_tok=n)
+        kw: dict = {"num_experts_per_tok": n}
+        if arch == "gpt_oss":
+            # GPT-OSS's yarn without truncating the correction range (truncate: false), which llama.cpp's
+            # ggml_rope_yarn_corr_dims always does (floor / ceil): that alone puts its logits 6e-4 off
+            # transformers'. The file is the converter's either way (the converter does not read the key).
+            assert moe_config(arch, 256).rope_parameters == GPT_OSS_ROPE
+            kw["rope_parameters"] = dict(GPT_OSS_ROPE, truncate=True)
+        base = save_moe_model(tmp_path / arch / "base", arch, torch.float32, gpt2_tokenizer_dir, **kw)
         adapter = save_expert_adapter(base, tmp_path / arch / "adapter")
         ours = tmp_path / arch / "merged.gguf"
         lgguf.to_gguf(base, [adapter], ours, type="f32", progress=False)

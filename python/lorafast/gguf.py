@@ -108,6 +108,20 @@ _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2,
         "num_local_experts": 8,
     },
+    "gpt_oss": {
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": 128,
+        "num_experts_per_tok": 4,
+        "num_local_experts": 128,
+    },
     "bert": {
         "vocab_size": 30522,
         "hidden_size": 768,
@@ -122,8 +136,23 @@ _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # Where a config class differs from the rest: its `attribute_map` (config.json's name -> the attribute
 # to_dict() writes), a `default_theta` other than 10000, and the `None`s its __post_init__ leaves as they are.
-_ATTRIBUTE_MAPS = {"qwen3_moe": {"num_experts": "num_local_experts"}, "mixtral": {"num_experts": "num_local_experts"}}
-_DEFAULT_THETA = {"mixtral": 1000000.0}
+_ATTRIBUTE_MAPS = {
+    "qwen3_moe": {"num_experts": "num_local_experts"},
+    "mixtral": {"num_experts": "num_local_experts"},
+    "gpt_oss": {"num_experts": "num_local_experts"},
+}
+_DEFAULT_THETA = {"mixtral": 1000000.0, "gpt_oss": 150000.0}
+# A rope a class's __post_init__ sets when config.json has none (GptOssConfig's yarn).
+_DEFAULT_ROPE = {
+    "gpt_oss": {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+    }
+}
 _KEEPS_NONE = {"mixtral": ("head_dim",), "qwen2_moe": ("num_key_value_heads",)}
 # Fields typed `int` (not `int | None`) beyond the four every class checks: transformers' strict dataclass
 # validation refuses anything else, and the converter then reads config.json as it is.
@@ -133,6 +162,7 @@ _INT_FIELDS = {
     "qwen2_moe": ("num_experts", "shared_expert_intermediate_size", *_EXPERT_INTS),
     "qwen3_moe": ("num_key_value_heads", "num_local_experts", *_EXPERT_INTS),
     "mixtral": ("num_key_value_heads", "num_local_experts", "num_experts_per_tok"),
+    "gpt_oss": ("num_key_value_heads", "head_dim", "intermediate_size", "num_local_experts", "num_experts_per_tok"),
 }
 
 
@@ -167,7 +197,7 @@ def _config_dict_light(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     if hp["num_key_value_heads"] is None and "num_key_value_heads" not in keeps_none:
         hp["num_key_value_heads"] = hp["num_attention_heads"]
     # RotaryEmbeddingConfigMixin.convert_rope_params_to_dict + standardize_rope_params (flat case).
-    rope = hp.pop("rope_scaling", None) or hp.get("rope_parameters") or {}
+    rope = hp.pop("rope_scaling", None) or hp.get("rope_parameters") or _DEFAULT_ROPE.get(model_type) or {}
     if not isinstance(rope, dict):
         return None
     rope = dict(rope)
@@ -288,6 +318,14 @@ def _text_params(w: Any, hparams: dict[str, Any], file_type: int) -> None:
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(rope["factor"])
             w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            if (v := rope.get("extrapolation_factor")) is not None:
+                w.add_rope_scaling_yarn_ext_factor(v)
+            if (v := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+                w.add_rope_scaling_yarn_attn_factor(v)
+            if (v := rope.get("beta_fast")) is not None:
+                w.add_rope_scaling_yarn_beta_fast(v)
+            if (v := rope.get("beta_slow")) is not None:
+                w.add_rope_scaling_yarn_beta_slow(v)
     if rope_type in ("su", "longrope"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     if (theta := rope.get("rope_theta")) is not None:
@@ -580,6 +618,10 @@ def metadata(
             w.add_expert_feed_forward_length(v)
         if (v := hparams.get("shared_expert_intermediate_size")) is not None:
             w.add_expert_shared_feed_forward_length(v)
+    elif arch == "gpt-oss":
+        # GptOssModel.set_gguf_parameters
+        w.add_sliding_window(hparams["sliding_window"])
+        w.add_expert_feed_forward_length(hparams["intermediate_size"])
     elif arch == "bert":
         w.add_causal_attention(False)
         _pooling(w, model_dir, hparams)
@@ -597,7 +639,7 @@ def metadata(
     elif arch == "bert":
         _vocab_bert(w, model_dir, hparams)
     else:
-        # GPT-2, and the Qwen MoE models (TextModel.set_vocab).
+        # GPT-2, the Qwen MoE models (TextModel.set_vocab) and GPT-OSS (_set_vocab_gpt2).
         _vocab_gpt2(w, model_dir, hparams)
     kv = w.kv_data[0]
     if file_type != outtype:

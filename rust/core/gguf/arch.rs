@@ -1,12 +1,14 @@
 //! What `convert_hf_to_gguf.py` does to each tensor of the architectures lorafast converts: the GGUF
 //! name (its `TensorNameMap`), the tensors it drops, and the per-architecture transforms (the rotary
-//! row permutation of Llama's q/k, the transpose of GPT-2's Conv1D weights).
+//! row permutation of Llama's q/k, the transpose of GPT-2's Conv1D weights, GPT-OSS's fused experts
+//! transposed and their gate/up columns de-interleaved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Qwen2,
     Qwen2Moe,
     Qwen3Moe,
+    GptOss,
     Bert,
     Gpt2,
 }
@@ -21,6 +23,22 @@ pub enum Transform {
     },
     /// A Conv1D weight stored (in, out), written (out, in).
     Transpose,
+    /// GPT-OSS's fused experts `[E, in, out]`, written `[E, out, in]` (`GptOssModel.modify_tensors`
+    /// transposes the last two dims). With `split`, `gate_up_proj`: its out rows alternate gate, up; the
+    /// even rows are this tensor (`ffn_gate_exps`) and the odd ones the next (`ffn_up_exps`).
+    Experts {
+        split: bool,
+    },
+    /// GPT-OSS's fused gate/up bias `[E, 2I]`: each expert's even elements are this tensor
+    /// (`ffn_gate_exps.bias`), the odd ones the next (`ffn_up_exps.bias`).
+    SplitBias,
+}
+
+impl Transform {
+    /// Whether the tensor's values go to two GGUF tensors, this one and the next.
+    pub fn splits(self) -> bool {
+        matches!(self, Transform::Experts { split: true } | Transform::SplitBias)
+    }
 }
 
 /// The architecture string the converter dispatches on (`config.json` `architectures[0]`), and whether
@@ -34,6 +52,7 @@ pub fn arch_of(hf_arch: &str) -> Option<(Arch, bool)> {
         "Qwen2Model" => (Arch::Qwen2, true),
         "Qwen2MoeForCausalLM" => (Arch::Qwen2Moe, false),
         "Qwen3MoeForCausalLM" => (Arch::Qwen3Moe, false),
+        "GptOssForCausalLM" => (Arch::GptOss, false),
         "BertModel" => (Arch::Bert, false),
         // GPT-2's tensors map (below), but nothing checks them against the converter yet: llama.cpp only
         // converts GPT-2 tokenizers whose pre-tokenizer it knows, and none is available offline.
@@ -49,6 +68,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen2Moe => "qwen2moe",
             Arch::Qwen3Moe => "qwen3moe",
+            Arch::GptOss => "gpt-oss",
             Arch::Bert => "bert",
             Arch::Gpt2 => "gpt2",
         }
@@ -100,6 +120,11 @@ pub fn map_tensor(
     } else {
         name
     };
+    if arch == Arch::GptOss {
+        if let Some(mapped) = gpt_oss_tensor(name) {
+            return Ok(Some(mapped));
+        }
+    }
     let unmapped = || {
         format!(
             "tensor {name}: llama.cpp's {} architecture has no place for it",
@@ -111,7 +136,7 @@ pub fn map_tensor(
         _ => return Err(unmapped()),
     };
     let mapped = match arch {
-        Arch::Llama | Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3Moe => {
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::GptOss => {
             let full = if prefix_model {
                 format!("model.{stem}")
             } else {
@@ -169,13 +194,15 @@ fn llama_name(arch: Arch, stem: &str) -> Option<String> {
         return Some(t.into());
     }
     let (n, rest) = block(stem, "model.layers.")?;
-    let moe = matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe);
+    let moe = matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::GptOss);
     let t = match rest {
         "input_layernorm" => "attn_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        // GPT-OSS's tensor list has ATTN_POST_NORM where the others have FFN_NORM.
+        "post_attention_layernorm" if arch == Arch::GptOss => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
         // The MoE architectures' tensor lists have no dense FFN (a dense layer does not convert).
         "mlp.gate_proj" if !moe => "ffn_gate",
@@ -183,7 +210,8 @@ fn llama_name(arch: Arch, stem: &str) -> Option<String> {
         "mlp.down_proj" if !moe => "ffn_down",
         // The router, and Qwen2-MoE's shared expert with its gate (the architectures whose tensor lists
         // have them).
-        "mlp.gate" if arch != Arch::Llama => "ffn_gate_inp",
+        "mlp.gate" if !matches!(arch, Arch::Llama | Arch::GptOss) => "ffn_gate_inp",
+        "mlp.router" if arch == Arch::GptOss => "ffn_gate_inp",
         "block_sparse_moe.gate" if arch == Arch::Llama => "ffn_gate_inp",
         "mlp.shared_expert.gate_proj" if arch == Arch::Qwen2Moe => "ffn_gate_shexp",
         "mlp.shared_expert.up_proj" if arch == Arch::Qwen2Moe => "ffn_up_shexp",
@@ -194,6 +222,26 @@ fn llama_name(arch: Arch, stem: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{n}.{t}"))
+}
+
+/// GPT-OSS's tensors without a `.weight` / `.bias` name (`GptOssModel.filter_tensors` / `modify_tensors`
+/// rename them before the name map): the fused experts, their biases and the attention sinks.
+fn gpt_oss_tensor(name: &str) -> Option<(String, Transform)> {
+    let (n, rest) = block(name, "model.layers.")?;
+    let (t, transform) = match rest {
+        "mlp.experts.gate_up_proj" => ("ffn_gate_exps.weight", Transform::Experts { split: true }),
+        "mlp.experts.gate_up_proj_bias" => ("ffn_gate_exps.bias", Transform::SplitBias),
+        "mlp.experts.down_proj" => ("ffn_down_exps.weight", Transform::Experts { split: false }),
+        "mlp.experts.down_proj_bias" => ("ffn_down_exps.bias", Transform::None),
+        "self_attn.sinks" => ("attn_sinks.weight", Transform::None),
+        _ => return None,
+    };
+    Some((format!("blk.{n}.{t}"), transform))
+}
+
+/// The name of the second tensor a splitting transform writes (gate's partner, up).
+pub fn split_partner(gguf_name: &str) -> String {
+    gguf_name.replace(".ffn_gate_exps.", ".ffn_up_exps.")
 }
 
 /// One expert's matrix of a per-expert checkpoint, which the converter stacks with its layer's other
@@ -352,6 +400,32 @@ mod tests {
         );
         assert_eq!(m(Arch::Gpt2, "h.3.attn.bias"), None);
         assert!(map_tensor(Arch::Llama, false, h, "model.layers.0.mlp.experts.weight").is_err());
+        assert_eq!(
+            m(Arch::GptOss, "model.layers.3.mlp.experts.gate_up_proj"),
+            Some(("blk.3.ffn_gate_exps.weight".into(), Transform::Experts { split: true }))
+        );
+        assert_eq!(
+            m(Arch::GptOss, "model.layers.3.mlp.experts.gate_up_proj_bias"),
+            Some(("blk.3.ffn_gate_exps.bias".into(), Transform::SplitBias))
+        );
+        assert_eq!(split_partner("blk.3.ffn_gate_exps.bias"), "blk.3.ffn_up_exps.bias");
+        assert_eq!(
+            m(Arch::GptOss, "model.layers.1.self_attn.sinks"),
+            Some(("blk.1.attn_sinks.weight".into(), Transform::None))
+        );
+        assert_eq!(
+            m(Arch::GptOss, "model.layers.1.mlp.router.bias"),
+            Some(("blk.1.ffn_gate_inp.bias".into(), Transform::None))
+        );
+        assert_eq!(
+            m(Arch::GptOss, "model.layers.1.post_attention_layernorm.weight"),
+            Some(("blk.1.post_attention_norm.weight".into(), Transform::None))
+        );
+        // no q/k permutation: GptOssModel is a TextModel, not a LlamaModel
+        assert_eq!(
+            m(Arch::GptOss, "model.layers.1.self_attn.q_proj.weight"),
+            Some(("blk.1.attn_q.weight".into(), Transform::None))
+        );
         assert_eq!(
             map_tensor(Arch::Llama, true, h, "layers.2.mlp.down_proj.weight").unwrap(),
             Some(("blk.2.ffn_down.weight".into(), Transform::None))

@@ -81,7 +81,7 @@ fn plan_all(adapter: &Adapter, base: &Checkpoint, outtype: FileType) -> Result<L
     let (arch, prefix_model) = arch::arch_of(hf_arch).ok_or_else(|| {
         Error::unsupported(
             &base.dir,
-            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE and BERT models"),
+            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-OSS and BERT models"),
         )
     })?;
     let n_head = config_usize(base, &["n_heads", "num_attention_heads"]).unwrap_or(0);
@@ -231,6 +231,15 @@ pub fn write(
                     p[d * cols..(d + 1) * cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
                 }
                 p
+            }
+            Transform::Experts { .. } | Transform::SplitBias => {
+                return Err(Error::unsupported(
+                    &adapter.dir,
+                    format!(
+                        "tensor {}: LoRA on fused experts has no llama.cpp LoRA form: merge it instead",
+                        t.key
+                    ),
+                ))
             }
         };
         let row_len = *t.info.shape.last().expect("a matrix");

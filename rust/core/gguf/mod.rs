@@ -64,6 +64,9 @@ pub struct GgufTensor {
     /// The merged tensor as rows x cols (a vector is one row; stacked experts are their rows in turn).
     pub rows: usize,
     pub cols: usize,
+    /// For a transform that splits its values in two (GPT-OSS's gate/up), the tensor that takes the
+    /// second half (its index in the plan).
+    pub partner: Option<usize>,
 }
 
 /// What the file will hold, in file order.
@@ -108,7 +111,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
     let (arch, prefix_model) = arch::arch_of(&hf_arch).ok_or_else(|| {
         Error::unsupported(
             dir,
-            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE and BERT models"),
+            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-OSS and BERT models"),
         )
     })?;
     let n_head = config_usize(base, &["n_heads", "num_attention_heads", "n_head"]).unwrap_or(0);
@@ -158,6 +161,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             transform: Transform::None,
             rows: 1,
             cols: values.len(),
+            partner: None,
         })
         .collect();
     let float_source = |i: usize| -> Result<(FloatType, usize, usize)> {
@@ -234,6 +238,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
                     transform: Transform::None,
                     rows: n * rows,
                     cols,
+                    partner: None,
                 });
             }
             continue;
@@ -244,11 +249,43 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             continue;
         };
         let out = &planned[i][0].0;
-        let (source, rows, cols) = float_source(i)?;
-        let shape = match transform {
-            Transform::Transpose => vec![cols, rows],
+        let (source, rows, cols) = match (transform, out.shape.as_slice()) {
+            // (the dtype check of float_source, on the shape it does not take)
+            (Transform::Experts { .. }, &[e, a, b]) => {
+                let as_matrix = float_type(out.dtype).map(|s| (s, e * a, b));
+                as_matrix.ok_or_else(|| {
+                    Error::unsupported(
+                        dir,
+                        format!("tensor {}: dtype {:?} has no GGUF float type", job.out_name, out.dtype),
+                    )
+                })?
+            }
+            (Transform::Experts { .. }, other) => {
+                return Err(Error::unsupported(
+                    dir,
+                    format!(
+                        "tensor {}: shape {other:?}, not fused experts [E, in, out]",
+                        job.out_name
+                    ),
+                ))
+            }
+            _ => float_source(i)?,
+        };
+        let shape = match (transform, out.shape.as_slice()) {
+            (Transform::Transpose, _) => vec![cols, rows],
+            (Transform::Experts { split }, &[e, a, b]) => vec![e, if split { b / 2 } else { b }, a],
+            (Transform::SplitBias, &[e, b]) => vec![e, b / 2],
             _ => out.shape.clone(),
         };
+        if transform.splits() && (cols % 2 != 0 || out.shape.len() == 1) {
+            return Err(Error::unsupported(
+                dir,
+                format!(
+                    "tensor {}: shape {:?}; GPT-OSS's gate/up columns alternate, so they come in pairs per expert",
+                    job.out_name, out.shape
+                ),
+            ));
+        }
         if let Transform::Permute { heads } = transform {
             let n = if out.shape.len() == 1 { cols } else { rows };
             if heads == 0 || n % (2 * heads) != 0 {
@@ -274,7 +311,21 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             transform,
             rows,
             cols,
+            partner: None,
         });
+        if transform.splits() {
+            // The up half, yielded right after the gate half; its values come with the gate's tiles.
+            let gate = tensors.last().expect("just pushed").clone();
+            tensors.push(GgufTensor {
+                info: TensorInfo {
+                    name: arch::split_partner(&gate.info.name),
+                    ..gate.info
+                },
+                sources: Vec::new(),
+                transform: Transform::None,
+                ..gate
+            });
+        }
     }
     if let Some((layer, got)) = experts.first_key_value() {
         return Err(Error::unsupported(
@@ -321,6 +372,12 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             reordered.push(t);
         }
         tensors = reordered;
+    }
+    for i in 0..tensors.len() {
+        if tensors[i].transform.splits() {
+            let name = arch::split_partner(&tensors[i].info.name);
+            tensors[i].partner = tensors.iter().position(|t| t.info.name == name);
+        }
     }
     Ok((
         GgufPlan {
@@ -393,6 +450,7 @@ pub fn write(
         tensors: &gplan.tensors,
         held: Mutex::new(HashMap::new()),
         held_heads: Mutex::new(HashMap::new()),
+        held_experts: Mutex::new(HashMap::new()),
     };
     for (name, values) in &opts.extra {
         let i = gplan
@@ -447,10 +505,15 @@ struct GgufDest<'a> {
     held: Mutex<HashMap<usize, (Vec<f32>, usize)>>,
     /// Heads of permuted tensors split across tiles: (tensor, head) -> (encoded rows, rows filled).
     held_heads: Mutex<HashMap<(usize, usize), HeldHead>>,
+    /// Experts of GPT-OSS's fused tensors split across tiles: (tensor, expert) -> (values, filled).
+    held_experts: Mutex<HashMap<(usize, usize), HeldValues>>,
 }
 
 /// One layer's expert matrices read so far: (slot, expert) -> (merge job, stacked tensor's GGUF name).
 type LayerExperts = HashMap<(usize, usize), (usize, String)>;
+
+/// Values gathered so far, and how many of them are filled.
+type HeldValues = (Vec<f32>, usize);
 
 /// A head's encoded rows, and how many of them are filled.
 type HeldHead = (Vec<u8>, usize);
@@ -458,6 +521,51 @@ type HeldHead = (Vec<u8>, usize);
 impl GgufDest<'_> {
     fn put(&self, at: u64, bytes: &[u8]) -> Result<()> {
         self.out.put(at, bytes)
+    }
+
+    /// Expert `e` of GPT-OSS's fused tensor `i` (its `[in, out]` matrix, or its bias row), whole: written
+    /// transposed, and for gate/up split between this tensor and its partner.
+    fn put_expert(&self, i: usize, e: usize, slab: &[f32]) -> Result<()> {
+        let t = &self.tensors[i];
+        let ty = t.info.ty;
+        let write = |tensor: usize, rows: &[f32], width: usize| -> Result<()> {
+            let ty = self.tensors[tensor].info.ty;
+            let n_rows = rows.len() / width;
+            let mut out = vec![0u8; ty.row_bytes(width) * n_rows];
+            ty.encode_row(rows, &mut out);
+            self.put(self.out.offsets[tensor] + (e * out.len()) as u64, &out)
+        };
+        let halves = |v: &[f32], width: usize| -> (Vec<f32>, Vec<f32>) {
+            // rows (of `width`) alternate: even rows to the first half, odd to the second
+            let (mut even, mut odd) = (Vec::with_capacity(v.len() / 2), Vec::with_capacity(v.len() / 2));
+            for (r, row) in v.chunks_exact(width).enumerate() {
+                if r % 2 == 0 {
+                    even.extend_from_slice(row)
+                } else {
+                    odd.extend_from_slice(row)
+                }
+            }
+            (even, odd)
+        };
+        let partner = || t.partner.expect("planned with its partner");
+        match t.transform {
+            Transform::Experts { split } => {
+                let per_in = t.rows / t.info.shape[0];
+                let tr = linalg::transpose(slab, per_in, t.cols); // [out, in]
+                if !split {
+                    return write(i, &tr, per_in);
+                }
+                let (gate, up) = halves(&tr, per_in);
+                write(i, &gate, per_in)?;
+                write(partner(), &up, per_in)
+            }
+            Transform::SplitBias => {
+                let (gate, up) = halves(slab, 1);
+                write(i, &gate, gate.len())?;
+                write(partner(), &up, up.len())
+            }
+            _ => unreachable!("only GPT-OSS's expert transforms gather experts ({ty:?})"),
+        }
     }
 
     /// Values `[start, start + values.len())` of tensor `i` in the merged model's order.
@@ -517,6 +625,33 @@ impl GgufDest<'_> {
                         held.remove(&(i, h)).expect("present").0
                     };
                     self.put(at, &whole)?;
+                }
+                Ok(())
+            }
+            Transform::Experts { .. } | Transform::SplitBias => {
+                // Each expert's values are gathered whole (a tile may hold part of one, or several),
+                // then written in GGUF's order.
+                let n_experts = t.info.shape[0];
+                let per = t.rows * t.cols / n_experts;
+                let mut at = 0;
+                while at < values.len() {
+                    let (e, within) = ((start + at) / per, (start + at) % per);
+                    let n = (per - within).min(values.len() - at);
+                    let slab = &values[at..at + n];
+                    at += n;
+                    let whole = if n == per {
+                        slab.to_vec()
+                    } else {
+                        let mut held = self.held_experts.lock().expect("never poisoned");
+                        let (buf, filled) = held.entry((i, e)).or_insert_with(|| (vec![0f32; per], 0));
+                        buf[within..within + n].copy_from_slice(slab);
+                        *filled += n;
+                        if *filled < per {
+                            continue;
+                        }
+                        held.remove(&(i, e)).expect("present").0
+                    };
+                    self.put_expert(i, e, &whole)?;
                 }
                 Ok(())
             }
@@ -639,6 +774,7 @@ mod tests {
                 transform: Transform::Permute { heads },
                 rows,
                 cols,
+                partner: None,
             };
             let staging = Staging::new_file(&out_path, &[], false).unwrap();
             let out = GgufFile::create(staging, &[], 0, std::slice::from_ref(&tensor.info), Instant::now()).unwrap();
@@ -649,6 +785,7 @@ mod tests {
                 tensors: &tensors,
                 held: Mutex::new(HashMap::new()),
                 held_heads: Mutex::new(HashMap::new()),
+                held_experts: Mutex::new(HashMap::new()),
             };
             for &(r0, r1) in tiles {
                 let mut v = values[r0 * cols..r1 * cols].to_vec();
@@ -673,6 +810,90 @@ mod tests {
         assert_eq!(write(&[(0, 5), (5, 13), (13, 24)]), whole);
         assert_eq!(write(&[(13, 24), (5, 13), (0, 5)]), whole);
         assert_eq!(write(&[(16, 24), (0, 3), (8, 16), (3, 8)]), whole);
+    }
+
+    /// GPT-OSS's fused gate_up_proj `[E, in, 2I]` written in tiles that split experts, in any order:
+    /// each expert transposed, its even out rows in the gate tensor and odd ones in the up tensor.
+    #[test]
+    fn fused_experts_split_across_tiles_are_transposed_and_deinterleaved() {
+        let (e, inp, out2) = (3, 4, 6); // I = 3
+        let values: Vec<f32> = (0..e * inp * out2).map(|v| v as f32 - 20.0).collect();
+        let write = |tiles: &[(usize, usize)]| -> (Vec<f32>, Vec<f32>) {
+            let dir = tempfile::tempdir().unwrap();
+            let out_path = dir.path().join("t.gguf");
+            let gate = GgufTensor {
+                info: TensorInfo {
+                    name: "blk.0.ffn_gate_exps.weight".into(),
+                    shape: vec![e, out2 / 2, inp],
+                    ty: GgmlType::F32,
+                    trim_dims: false,
+                },
+                sources: vec!["g".into()],
+                source: FloatType::F32,
+                converted: GgmlType::F32,
+                transform: Transform::Experts { split: true },
+                rows: e * inp,
+                cols: out2,
+                partner: Some(1),
+            };
+            let up = GgufTensor {
+                info: TensorInfo {
+                    name: "blk.0.ffn_up_exps.weight".into(),
+                    ..gate.info.clone()
+                },
+                transform: Transform::None,
+                partner: None,
+                ..gate.clone()
+            };
+            let infos = [gate.info.clone(), up.info.clone()];
+            let staging = Staging::new_file(&out_path, &[], false).unwrap();
+            let out = GgufFile::create(staging, &[], 0, &infos, Instant::now()).unwrap();
+            let tensors = [gate, up];
+            let dest = GgufDest {
+                out: &out,
+                by_name: HashMap::new(),
+                tensors: &tensors,
+                held: Mutex::new(HashMap::new()),
+                held_heads: Mutex::new(HashMap::new()),
+                held_experts: Mutex::new(HashMap::new()),
+            };
+            for &(a, b) in tiles {
+                let mut v = values[a..b].to_vec();
+                dest.values(0, a, &mut v).unwrap();
+            }
+            assert!(dest.held_experts.lock().unwrap().is_empty());
+            let offsets = (out.offsets[0] as usize, out.offsets[1] as usize);
+            out.finish(vec![], 0).unwrap();
+            let bytes = std::fs::read(&out_path).unwrap();
+            let n = values.len() / 2;
+            let f = |at: usize| -> Vec<f32> {
+                bytes[at..at + 4 * n]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            };
+            (f(offsets.0), f(offsets.1))
+        };
+        // gate[x][i][h] = W[x][h][2i], up[x][i][h] = W[x][h][2i + 1] (the converter's transpose, ::2, 1::2)
+        let expect = |parity: usize| -> Vec<f32> {
+            let mut v = Vec::new();
+            for x in 0..e {
+                for i in 0..out2 / 2 {
+                    for h in 0..inp {
+                        v.push(values[(x * inp + h) * out2 + 2 * i + parity]);
+                    }
+                }
+            }
+            v
+        };
+        let whole = write(&[(0, values.len())]);
+        assert_eq!(whole, (expect(0), expect(1)));
+        let per = inp * out2;
+        assert_eq!(write(&[(0, 5), (5, per + 7), (per + 7, values.len())]), whole);
+        assert_eq!(
+            write(&[(2 * per + 1, values.len()), (per, 2 * per + 1), (0, per)]),
+            whole
+        );
     }
 
     #[test]
