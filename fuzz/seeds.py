@@ -114,7 +114,7 @@ def expert_seeds() -> None:
 
 def gguf_seeds() -> None:
     """One-layer MoE checkpoints as transformers saves them (per-expert Linears, Qwen3-MoE's and Mixtral's
-    names), two experts, hidden 8, intermediate 4, for `gguf_experts`."""
+    names; GPT-OSS's fused tensors), two experts, hidden 8, intermediate 4, for `gguf_experts`."""
     import numpy as np
     from safetensors.numpy import save
 
@@ -138,6 +138,22 @@ def gguf_seeds() -> None:
         cfg = {"architectures": [arch], **common, **extra}
         tensors = {k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}
         put("gguf_experts", name, join(json.dumps(cfg).encode(), save(tensors)))
+    # GPT-OSS: fused on disk, [E, in, out], gate/up interleaved, with biases and sinks.
+    p = "model.layers.0"
+    shapes = {
+        "model.embed_tokens.weight": (32, 8),
+        f"{p}.self_attn.q_proj.weight": (8, 8),
+        f"{p}.self_attn.sinks": (2,),
+        f"{p}.mlp.router.weight": (2, 8),
+        f"{p}.mlp.router.bias": (2,),
+        f"{p}.mlp.experts.gate_up_proj": (2, 8, 8),
+        f"{p}.mlp.experts.gate_up_proj_bias": (2, 8),
+        f"{p}.mlp.experts.down_proj": (2, 4, 8),
+        f"{p}.mlp.experts.down_proj_bias": (2, 8),
+    }
+    cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **common, "num_local_experts": 2}
+    tensors = {k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}
+    put("gguf_experts", "gpt-oss", join(json.dumps(cfg).encode(), save(tensors)))
 
 
 if __name__ == "__main__":

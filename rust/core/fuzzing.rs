@@ -195,13 +195,24 @@ pub fn gguf_experts(data: &[u8]) {
         extra: Vec::new(),
     };
     if let Ok(p) = gguf::plan(&dir, &[], &opts) {
-        for t in &p.tensors {
+        // A splitting tensor (GPT-OSS's gate/up) and its partner each hold half of the merged values.
+        let halves: Vec<usize> = p.tensors.iter().filter_map(|t| t.partner).collect();
+        for (i, t) in p.tensors.iter().enumerate() {
+            let parts = if t.transform.splits() || halves.contains(&i) {
+                2
+            } else {
+                1
+            };
             assert_eq!(
                 t.rows * t.cols,
-                t.info.shape.iter().product::<usize>(),
+                parts * t.info.shape.iter().product::<usize>(),
                 "{}",
                 t.info.name
             );
+            if t.transform.splits() {
+                let partner = &p.tensors[t.partner.expect("a split tensor has its partner")];
+                assert_eq!(partner.info.shape, t.info.shape, "{}", t.info.name);
+            }
         }
     }
 }
@@ -267,11 +278,12 @@ mod tests {
         }
     }
 
-    /// The GGUF seeds reach the stacking: a Qwen3-MoE and a Mixtral checkpoint plan with stacked experts.
+    /// The GGUF seeds reach the stacking: Qwen3-MoE and Mixtral checkpoints plan with stacked experts, a
+    /// GPT-OSS one with its fused experts transposed and split.
     #[test]
     fn gguf_seeds_stack_experts() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf_experts");
-        for seed in ["seed-qwen3-moe", "seed-mixtral"] {
+        for seed in ["seed-qwen3-moe", "seed-mixtral", "seed-gpt-oss"] {
             let data = std::fs::read(root.join(seed)).expect("seed");
             let (config, file) = split(&data);
             let dir = scratch().join("in");
@@ -285,6 +297,8 @@ mod tests {
             let p = gguf::plan(&dir, &[], &opts).expect("plans");
             let stacked = p.tensors.iter().find(|t| t.info.name == "blk.0.ffn_down_exps.weight");
             assert_eq!(stacked.map(|t| t.info.shape.clone()), Some(vec![2, 8, 4]), "{seed}");
+            let up = p.tensors.iter().find(|t| t.info.name == "blk.0.ffn_up_exps.weight");
+            assert_eq!(up.map(|t| t.info.shape.clone()), Some(vec![2, 4, 8]), "{seed}");
         }
     }
 
