@@ -244,6 +244,7 @@ class GgufReport:
     @property
     def warnings(self) -> list[str]: ...
 
+def gguf_architectures() -> list[str]: ...
 def gguf_plan(
     base: _Path,
     adapters: Sequence[_Path],

@@ -626,7 +626,11 @@ def metadata(
         w.add_causal_attention(False)
         _pooling(w, model_dir, hparams)
         labels = hparams.get("id2label")
-        if labels and not (len(labels) == 2 and labels.get(0, labels.get("0")) == "LABEL_0"):
+        dummy = labels and len(labels) == 2 and labels.get(0, labels.get("0")) == "LABEL_0"
+        # The converter drops AutoConfig's two dummy labels, so llama.cpp takes n_cls_out = 1 and refuses
+        # the [H, 2] head; a classifier head (cls.output) keeps them, every label count as written.
+        head = any(t[0] == "cls.output.weight" for t in tensors)
+        if labels and (head or not dummy):
             w.add_classifier_output_labels([v for _, v in sorted(labels.items())])
     w.add_quantization_version(QUANT_VERSION)
     if arch == "llama":

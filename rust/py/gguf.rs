@@ -54,6 +54,12 @@ type GgufPlanTuple = (
     Option<String>,
 );
 
+/// The `config.json` architectures `gguf_plan` takes.
+#[pyfunction]
+pub fn gguf_architectures() -> Vec<&'static str> {
+    gguf::arch::ARCHITECTURES.iter().map(|(name, _, _)| *name).collect()
+}
+
 /// The file `gguf_write` would write, as `GgufPlanTuple`.
 #[pyfunction]
 #[pyo3(signature = (base, adapters, *, file_type, weights=None, extra=Vec::new()))]

@@ -10,6 +10,9 @@ pub enum Arch {
     Qwen3Moe,
     GptOss,
     Bert,
+    /// `BertForSequenceClassification`: BERT with its pooler and classifier head, which llama.cpp runs
+    /// as RANK pooling (`cls`: dense + tanh, then `cls.output`).
+    BertClassifier,
     Gpt2,
 }
 
@@ -41,22 +44,42 @@ impl Transform {
     }
 }
 
-/// The architecture string the converter dispatches on (`config.json` `architectures[0]`), and whether
-/// its tensor names lack the `model.` prefix the name map expects.
+/// The architecture strings the converter dispatches on (`config.json` `architectures[0]`) that lorafast
+/// writes, with their GGUF architecture and whether their tensor names lack the `model.` prefix the
+/// name map expects.
+pub const ARCHITECTURES: [(&str, Arch, bool); 11] = [
+    ("LlamaForCausalLM", Arch::Llama, false),
+    ("MistralForCausalLM", Arch::Llama, false),
+    // Mixtral is llama with experts (`LlamaModel` registers it).
+    ("MixtralForCausalLM", Arch::Llama, false),
+    ("LlamaModel", Arch::Llama, true),
+    ("Qwen2ForCausalLM", Arch::Qwen2, false),
+    ("Qwen2Model", Arch::Qwen2, true),
+    ("Qwen2MoeForCausalLM", Arch::Qwen2Moe, false),
+    ("Qwen3MoeForCausalLM", Arch::Qwen3Moe, false),
+    ("GptOssForCausalLM", Arch::GptOss, false),
+    ("BertModel", Arch::Bert, false),
+    ("BertForSequenceClassification", Arch::BertClassifier, false),
+    // GPT-2's tensors map (below), but nothing checks them against the converter yet: llama.cpp only
+    // converts GPT-2 tokenizers whose pre-tokenizer it knows, so GPT2LMHeadModel is not listed.
+];
+
+/// The GGUF architecture of `hf_arch`, and whether its names lack the `model.` prefix.
 pub fn arch_of(hf_arch: &str) -> Option<(Arch, bool)> {
-    Some(match hf_arch {
-        // Mixtral is llama with experts (`LlamaModel` registers it).
-        "LlamaForCausalLM" | "MistralForCausalLM" | "MixtralForCausalLM" => (Arch::Llama, false),
-        "LlamaModel" => (Arch::Llama, true),
-        "Qwen2ForCausalLM" => (Arch::Qwen2, false),
-        "Qwen2Model" => (Arch::Qwen2, true),
-        "Qwen2MoeForCausalLM" => (Arch::Qwen2Moe, false),
-        "Qwen3MoeForCausalLM" => (Arch::Qwen3Moe, false),
-        "GptOssForCausalLM" => (Arch::GptOss, false),
-        "BertModel" => (Arch::Bert, false),
-        // GPT-2's tensors map (below), but nothing checks them against the converter yet: llama.cpp only
-        // converts GPT-2 tokenizers whose pre-tokenizer it knows, and none is available offline.
-        _ => return None,
+    ARCHITECTURES
+        .iter()
+        .find(|(name, _, _)| *name == hf_arch)
+        .map(|&(_, arch, prefix)| (arch, prefix))
+}
+
+/// `arch_of`, or the error naming the model folder and the architectures lorafast converts.
+pub fn arch_in(dir: &std::path::Path, hf_arch: &str) -> crate::core::error::Result<(Arch, bool)> {
+    arch_of(hf_arch).ok_or_else(|| {
+        let known: Vec<&str> = ARCHITECTURES.iter().map(|(name, _, _)| *name).collect();
+        crate::core::error::Error::unsupported(
+            dir,
+            format!("architecture {hf_arch}: lorafast writes GGUF for {}", known.join(", ")),
+        )
     })
 }
 
@@ -69,7 +92,7 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2moe",
             Arch::Qwen3Moe => "qwen3moe",
             Arch::GptOss => "gpt-oss",
-            Arch::Bert => "bert",
+            Arch::Bert | Arch::BertClassifier => "bert",
             Arch::Gpt2 => "gpt2",
         }
     }
@@ -99,12 +122,14 @@ pub fn map_tensor(
     }
     // BERT: the converter strips `bert.`, renames gamma/beta and drops what an embedding model does not use.
     let bert_name;
-    let name = if arch == Arch::Bert {
+    let name = if matches!(arch, Arch::Bert | Arch::BertClassifier) {
         let n = name.strip_prefix("bert.").unwrap_or(name);
-        if matches!(
-            n,
-            "embeddings.position_ids" | "pooler.dense.weight" | "pooler.dense.bias"
-        ) || n.starts_with("cls.predictions")
+        // The converter drops the pooler of a classifier too, but transformers' logits go through it
+        // (`BertPooler`: dense + tanh on the CLS row); llama.cpp's RANK pooling applies it as `cls`.
+        let pooler = matches!(n, "pooler.dense.weight" | "pooler.dense.bias");
+        if n == "embeddings.position_ids"
+            || pooler && arch != Arch::BertClassifier
+            || n.starts_with("cls.predictions")
             || n.starts_with("cls.seq_relationship")
         {
             return Ok(None);
@@ -145,6 +170,13 @@ pub fn map_tensor(
             llama_name(arch, &full)
         }
         Arch::Bert => bert_tensor(stem),
+        Arch::BertClassifier => match stem {
+            "pooler.dense" => Some("cls".into()),
+            // (the converter's `classifier.out_proj` rename; it makes it only for non-default labels,
+            // and the default two labels' `cls` [2, H] does not load in llama.cpp)
+            "classifier" => Some("cls.output".into()),
+            _ => bert_tensor(stem),
+        },
         Arch::Gpt2 => {
             if stem.ends_with(".attn") && suffix == "bias" || stem.ends_with(".attn.masked_bias") {
                 return Ok(None);
@@ -390,6 +422,14 @@ mod tests {
             Some(("blk.5.layer_output_norm.bias".into(), Transform::None))
         );
         assert_eq!(m(Arch::Bert, "pooler.dense.weight"), None);
+        assert_eq!(
+            m(Arch::BertClassifier, "bert.pooler.dense.weight"),
+            Some(("cls.weight".into(), Transform::None))
+        );
+        assert_eq!(
+            m(Arch::BertClassifier, "classifier.bias"),
+            Some(("cls.output.bias".into(), Transform::None))
+        );
         assert_eq!(
             m(Arch::Gpt2, "h.3.mlp.c_fc.weight"),
             Some(("blk.3.ffn_up.weight".into(), Transform::Transpose))

@@ -78,12 +78,7 @@ fn plan_all(adapter: &Adapter, base: &Checkpoint, outtype: FileType) -> Result<L
     let hf_arch = base
         .architecture()
         .ok_or_else(|| Error::json(base.dir.join("config.json"), "no architectures entry"))?;
-    let (arch, prefix_model) = arch::arch_of(hf_arch).ok_or_else(|| {
-        Error::unsupported(
-            &base.dir,
-            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-OSS and BERT models"),
-        )
-    })?;
+    let (arch, prefix_model) = arch::arch_in(&base.dir, hf_arch)?;
     let n_head = config_usize(base, &["n_heads", "num_attention_heads"]).unwrap_or(0);
     let heads = Heads {
         n_head,

@@ -98,22 +98,27 @@ fn float_type(dtype: safetensors::Dtype) -> Option<FloatType> {
 /// Plan the merge (as a float checkpoint in the model's dtypes) and the GGUF file it becomes.
 fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(GgufPlan, plan::Plan)> {
     let dir = &base.ck.dir;
-    let hf_arch = base
-        .ck
-        .architecture()
+    let merge_opts = MergeOptions {
+        dtype: None,
+        mode: crate::core::merge::Mode::Float,
+        stats: false,
+        ..opts.merge.clone()
+    };
+    let merge_plan = plan::plan(base, adapters, &merge_opts)?;
+    // The merged model's architecture: a task adapter rewrites it (BertModel -> BertForSequenceClassification).
+    let merged_arch = merge_plan
+        .config
+        .as_ref()
+        .and_then(|c| c.get("architectures")?.get(0)?.as_str().map(str::to_string));
+    let hf_arch = merged_arch
+        .or_else(|| base.ck.architecture().map(str::to_string))
         .ok_or_else(|| {
             Error::json(
                 dir.join("config.json"),
                 "no architectures entry: cannot tell the GGUF architecture",
             )
-        })?
-        .to_string();
-    let (arch, prefix_model) = arch::arch_of(&hf_arch).ok_or_else(|| {
-        Error::unsupported(
-            dir,
-            format!("architecture {hf_arch}: lorafast writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-OSS and BERT models"),
-        )
-    })?;
+        })?;
+    let (arch, prefix_model) = arch::arch_in(dir, &hf_arch)?;
     let n_head = config_usize(base, &["n_heads", "num_attention_heads", "n_head"]).unwrap_or(0);
     let heads = Heads {
         n_head,
@@ -125,13 +130,6 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             "no num_attention_heads: cannot permute q/k for llama.cpp",
         ));
     }
-    let merge_opts = MergeOptions {
-        dtype: None,
-        mode: crate::core::merge::Mode::Float,
-        stats: false,
-        ..opts.merge.clone()
-    };
-    let merge_plan = plan::plan(base, adapters, &merge_opts)?;
     let planned = layout::planned(base, adapters, &merge_plan.jobs);
     // The converter reads shards in file-name order and each shard's tensors sorted by name.
     let mut order: Vec<usize> = (0..merge_plan.jobs.len()).collect();

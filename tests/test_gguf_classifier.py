@@ -1,0 +1,213 @@
+"""The classifiers `lorafast train` produces, as GGUF that llama.cpp runs: the real MiniLM with a
+LoRA-trained sentiment head (BertForSequenceClassification: of the model types lorafast writes GGUF for,
+the one task architecture both `train` and the vendored converter's registry have:
+`test_every_trained_task_the_converter_registers_exports`).
+
+The converter (`conversion/bert.py`) drops `pooler.dense`, but transformers' logits go through it
+(BertPooler: dense + tanh on the CLS row), so its file cannot give the model's scores; with the default
+two labels it also writes the head as `cls` [2, H], which llama.cpp does not load. lorafast writes the
+converter's file with the pooler as `cls` and the head as `cls.output` (llama.cpp's RANK pooling: dense,
+tanh, projection): every other key and tensor byte for byte the converter's. With AutoConfig's dummy
+labels (LABEL_0, LABEL_1), which the converter leaves out, it writes them, since llama.cpp sizes the head
+by the label count."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import minilm_path
+from test_gguf import convert
+from test_train import sentiment
+
+import lorafast
+from lorafast import gguf as lgguf
+from lorafast.train import train
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["a wonderful film, really.", "terrible acting and a dull story!", "the fox", "an utter delight overall."]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """MiniLM with a sentiment head trained by `lorafast train` (LoRA on attention, the head saved)."""
+    root = tmp_path_factory.mktemp("cls")
+    r = train(
+        model=str(minilm_path()),
+        data=str(sentiment(root / "train.jsonl", 96, 0)),
+        out=str(root / "run"),
+        task="seq-cls",
+        r=8,
+        targets="attn",
+        epochs=2,
+        batch_size=16,
+        lr=2e-3,
+        max_length=32,
+        progress=False,
+    )
+    return root, r.adapter
+
+
+def named_labels_base(folder: Path) -> Path:
+    """MiniLM whose config names the two labels (the converter writes them, and renames the head)."""
+    shutil.copytree(minilm_path(), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["id2label"], cfg["label2id"] = {"0": "negative", "1": "positive"}, {"negative": 0, "positive": 1}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def rank_scores(llama_cpp, model: Path, texts=TEXTS) -> np.ndarray:
+    """llama.cpp's classifier scores (RANK pooling: llama_get_embeddings_seq holds n_cls_out values)."""
+    llm = llama_cpp.Llama(
+        model_path=str(model),
+        embedding=True,
+        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_RANK,
+        n_ctx=128,
+        n_threads=2,
+        verbose=False,
+    )
+    try:
+        n = llama_cpp.llama_model_n_cls_out(llm._model.model)
+        rows = []
+        for text in texts:
+            llm._batch.reset()
+            llm._batch.add_sequence(llm.tokenize(text.encode(), add_bos=True), 0, False)
+            llm._ctx.kv_cache_clear()
+            llm._ctx.decode(llm._batch)
+            rows.append(llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)[:n])
+        return np.asarray(rows, dtype=np.float64)
+    finally:
+        llm.close()
+
+
+class GgmlGelu(torch.nn.Module):
+    """GELU as llama.cpp's CPU backend computes it for BERT (ggml_vec_gelu_f32 with GGML_GELU_FP16): the
+    tanh approximation, looked up in a table by the input rounded to fp16 and stored as fp16; identity at
+    and above 10, zero at and below -10. transformers' BERT uses the exact erf form; the two differ by
+    up to ~1e-3 of an activation, which no file can change, so the reference computes it llama.cpp's way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x >= 10, x, torch.where(x <= -10, torch.zeros_like(x), table))
+
+
+def hf_logits(merged: Path, texts=TEXTS) -> np.ndarray:
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+    for layer in model.bert.encoder.layer:
+        layer.intermediate.intermediate_act_fn = GgmlGelu()
+    tok = transformers.AutoTokenizer.from_pretrained(str(merged))
+    with torch.no_grad():
+        return np.concatenate([model(**tok(t, return_tensors="pt")).logits.double().numpy() for t in TEXTS])
+
+
+def tensors(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type, list(t.shape), bytes(t.data.tobytes())) for t in reader.tensors}
+
+
+def fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {k: [bytes(p.tobytes()) for p in f.parts] for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+# Scores within the type's precision, relative to the largest score. f32: the two summation orders
+# (~1e-6 relative a layer), where an activation whose input lands on the other side of an fp16 rounding
+# moves by up to 2^-11 of itself in the GELU table (measured 4e-5). f16 / q8_0: the weights' rounding
+# (2^-11, and 1/254 of a 32-block's amax), through 6 layers (measured 3e-4, 9e-3).
+BOUNDS = {"f32": 3e-4, "f16": 1e-2, "q8_0": 3e-2}
+
+
+@pytest.mark.parametrize("file_type", list(BOUNDS))
+def test_trained_classifier_gguf_gives_transformers_logits(llama_cpp, trained, file_type):
+    root, adapter = trained
+    out = root / f"cls-{file_type}.gguf"
+    lgguf.to_gguf(minilm_path(), [adapter], out, type=file_type, progress=False)
+    merged = root / "merged"
+    if not merged.exists():
+        lorafast.merge(minilm_path(), [adapter], merged, progress=False)
+    ref = hf_logits(merged)
+    got = rank_scores(llama_cpp, out)
+    assert got.shape == ref.shape == (len(TEXTS), 2)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert err < BOUNDS[file_type], (file_type, err, got, ref)
+    # The predicted label, wherever the reference's margin is beyond the error bound.
+    clear = np.abs(ref[:, 0] - ref[:, 1]) > 2 * BOUNDS[file_type] * np.abs(ref).max()
+    assert clear.any()
+    assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+def test_classifier_gguf_is_the_converters_file_with_the_pooler(llama_cpp, llama_cpp_dir, trained, tmp_path):
+    """Named labels: the converter renames the head to cls.output and writes the labels; lorafast's file
+    has every key and tensor of it, byte for byte, and the pooler as cls. Without the pooler llama.cpp's
+    scores are not the model's: that is the converter's file, run."""
+    _, adapter = trained
+    base = named_labels_base(tmp_path / "base")
+    merged = lorafast.merge(base, [adapter], tmp_path / "merged", progress=False).output
+    theirs = convert(llama_cpp_dir, merged, "f32", tmp_path / "theirs.gguf", "tiny")
+    ours = tmp_path / "ours.gguf"
+    lgguf.to_gguf(base, [adapter], ours, type="f32", name="tiny", progress=False)
+    t_ours, t_theirs = tensors(ours), tensors(theirs)
+    assert set(t_ours) - set(t_theirs) == {"cls.weight", "cls.bias"}
+    assert set(t_theirs) <= set(t_ours)
+    for name, t in t_theirs.items():
+        assert t_ours[name] == t, name
+    f_ours, f_theirs = fields(ours), fields(theirs)
+    # (the parameter count, and with it the size label, includes the pooler)
+    differ = {k for k in set(f_ours) | set(f_theirs) if f_ours.get(k) != f_theirs.get(k)}
+    assert differ <= {"general.size_label"}, differ
+    labels = f_ours["bert.classifier.output_labels"]
+    assert b"negative" in labels and b"positive" in labels
+    ref = hf_logits(merged)
+    assert float(np.abs(rank_scores(llama_cpp, ours) - ref).max() / np.abs(ref).max()) < BOUNDS["f32"]
+    assert float(np.abs(rank_scores(llama_cpp, theirs) - ref).max() / np.abs(ref).max()) > 1e-2
+
+
+def test_default_labels_head_the_converter_writes_does_not_load(llama_cpp, llama_cpp_dir, trained, tmp_path):
+    """What `train` saves (two labels, LABEL_0/LABEL_1): the converter writes the head as `cls` [2, H],
+    where llama.cpp's BERT expects the pooler's [H, H], so its file does not load; lorafast's does."""
+    root, adapter = trained
+    merged = root / "merged"
+    if not merged.exists():
+        lorafast.merge(minilm_path(), [adapter], merged, progress=False)
+    theirs = convert(llama_cpp_dir, merged, "f32", tmp_path / "theirs.gguf", "tiny")
+    assert tensors(theirs)["cls.weight"][1] == [384, 2]
+    with pytest.raises(ValueError):
+        rank_scores(llama_cpp, theirs)
+
+
+def test_every_trained_task_the_converter_registers_exports(llama_cpp_dir):
+    """The task architectures `lorafast train` builds (transformers' auto mappings for seq-cls, for the
+    model types lorafast writes GGUF for) against the converter's registry: each one it registers is
+    one lorafast gguf takes."""
+    import re
+
+    from transformers.models.auto import modeling_auto
+
+    from lorafast.train.models import TASKS
+
+    registry = set()
+    for f in (llama_cpp_dir / "vendor" / "llama.cpp" / "conversion").glob("*.py"):
+        for args in re.findall(r"ModelBase\.register\(([^)]*)\)", f.read_text()):
+            registry |= set(re.findall(r'"([A-Za-z0-9_]+)"', args))
+    gguf_types = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3_moe", "gpt_oss", "bert"}
+    trained = set()
+    for _, (_, _, mapping) in TASKS.items():
+        names = getattr(modeling_auto, mapping)
+        trained |= {names[t] for t in gguf_types if t in names}
+    trained |= {modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t] for t in gguf_types - {"bert"}}
+    exported = trained & registry
+    assert "BertForSequenceClassification" in exported
+    from lorafast import _core
+
+    assert exported <= set(_core.gguf_architectures()), exported - set(_core.gguf_architectures())
