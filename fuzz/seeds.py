@@ -104,9 +104,22 @@ def expert_seeds() -> None:
             {**gate_up, **down},
             {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"gate_up_proj": 3}, "use_rslora": True},
         ),
+        # PEFT 0.18's layout (every 3-D parameter read as (E, in, out)): down_proj's A [E*r, 8], B [4, E*r].
+        "experts-peft018": (
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            {**gate_up, f"{m}.lora_A.weight": (4, 8), f"{m}.lora_B.weight": (4, 4)},
+            {"peft_version": "0.18.1"},
+        ),
     }
     for name, (targets, shapes, extra) in variants.items():
-        cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_parameters": targets, "target_modules": ["q_proj"]}
+        cfg = {
+            "peft_type": "LORA",
+            "peft_version": "0.21.2",
+            "r": 2,
+            "lora_alpha": 4,
+            "target_parameters": targets,
+            "target_modules": ["q_proj"],
+        }
         cfg.update(extra)
         tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
         put("expert_adapter", name, join(json.dumps(cfg).encode(), save(tensors)))

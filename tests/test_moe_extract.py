@@ -81,6 +81,8 @@ def test_extract_recovers_every_experts_delta_and_peft_loads_it(tmp_path, moe_tu
     r = lorafast.extract(base, tuned, tmp_path / "out", rank=R, progress=False)
     cfg = json.loads((r.output / "adapter_config.json").read_text())
     assert sorted(cfg["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    # The layout's PEFT release, so that readers (lorafast too) tell it from PEFT < 0.19's on square weights.
+    assert cfg["peft_version"] == "0.21.2"
     assert "q_proj" in cfg["target_modules"] and not any("expert" in m for m in cfg["target_modules"])
     assert not any(leaf in cfg["target_modules"] for leaf in ("gate", "router")), "routers are not nn.Linear"
     # PEFT's nesting: gate_up_proj (registered first) under base_layer.

@@ -41,6 +41,37 @@ pub struct ExpertParam {
     pub experts: usize,
 }
 
+/// Which PEFT release's layout a LoRA on a 3-D expert parameter `[E, d1, d2]` has, from the config's
+/// `peft_version` (PEFT records it from 0.18.0 on, `peft/config.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamLayout {
+    /// PEFT 0.17-0.18 (`ParamWrapper.__init__`: `self.num_experts, self.in_features, self.out_features =
+    /// param.shape`): every 3-D parameter is read as `(E, in, out)`, so A is `[E*r, d1]`, B `[d2, E*r]` and
+    /// `get_delta_weight` is `einsum("o r e, e r i -> e i o")`: expert e's delta is `(B_e A_e)^T`, also for
+    /// transformers 5's `[E, out, in]` experts, whose "in" it takes for the output.
+    Unswapped,
+    /// PEFT >= 0.19 (`update_layer`, `_did_swap_in_out_features`): in and out swapped for a 3-D parameter
+    /// unless the experts module sets `is_transposed`, so "in" is always the matmul's input.
+    Swapped,
+    /// No `peft_version` (PEFT 0.17, or another writer): the base's shapes decide where they can.
+    Unknown,
+}
+
+impl ParamLayout {
+    /// From `peft_version` as PEFT writes it (`0.18.1`, `0.19.0.dev0`, `0.21.2@<commit>`).
+    pub fn from_version(version: Option<&str>) -> ParamLayout {
+        let Some(v) = version else {
+            return ParamLayout::Unknown;
+        };
+        let mut parts = v.split(['.', '@', '+']).map(|p| p.parse::<u64>());
+        match (parts.next(), parts.next()) {
+            (Some(Ok(0)), Some(Ok(minor))) if minor < 19 => ParamLayout::Unswapped,
+            (Some(Ok(_)), Some(Ok(_))) => ParamLayout::Swapped,
+            _ => ParamLayout::Unknown,
+        }
+    }
+}
+
 /// The order transformers' experts modules register their parameters in (every MoE architecture
 /// transformers 5 fuses: `Qwen3MoeExperts`, `MixtralExperts`, `GptOssExperts`, ...), which decides the
 /// nesting of PEFT's wrappers.
@@ -237,6 +268,9 @@ pub struct ExpertSlice {
     /// The one expert a per-expert tensor holds; None: the tensor stacks all of them (`[E, ., .]`).
     pub expert: Option<usize>,
     pub rows: Range<usize>,
+    /// The factors are PEFT < 0.19's on an `[E, out, in]` parameter (`ParamLayout::Unswapped`): expert e's
+    /// delta is `(B_e A_e)^T`, read as the factors `A_e^T` (B) and `B_e^T` (A) of the delta as `[out, in]`.
+    pub unswapped: bool,
 }
 
 impl ExpertSlice {
@@ -249,7 +283,9 @@ impl ExpertSlice {
         }
     }
 
-    /// Expert e's factors: A's rows `e*r..(e+1)*r` and, of B's `rows`, the columns `e, e+E, ...`.
+    /// Expert e's factors of its delta as `[out, in]`, (A_e `[r, in]`, B_e of `rows` `[rows, r]`): A's rows
+    /// `e*r..(e+1)*r` and, of B's `rows`, the columns `e, e+E, ...`; for `unswapped` factors the same
+    /// read the other way round (B's columns are A_e^T, A's rows restricted to `rows` B_e^T).
     pub fn factors(
         &self,
         file: &SafetensorsFile,
@@ -259,6 +295,24 @@ impl ExpertSlice {
         segment: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let e = self.expert.unwrap_or(segment);
+        if self.unswapped {
+            // A `[E*r, d1]`: expert e's rows, their columns `rows` (d1 is the delta's out side).
+            let a_e = file.read_f32_rows(a, e * r..(e + 1) * r)?;
+            let d1 = a_e.len() / r.max(1);
+            let mut b_e = Vec::with_capacity(self.rows.len() * r);
+            for i in self.rows.clone() {
+                b_e.extend((0..r).map(|k| a_e[k * d1 + i]));
+            }
+            // B `[d2, E*r]`: expert e's columns `e, e+E, ...`, transposed to `[r, d2]`.
+            let bt = file.read_f32(b)?;
+            let width = r * self.experts;
+            let d2 = bt.len() / width.max(1);
+            let mut a_out = Vec::with_capacity(r * d2);
+            for k in 0..r {
+                a_out.extend((0..d2).map(|j| bt[j * width + k * self.experts + e]));
+            }
+            return Ok((a_out, b_e));
+        }
         let a_e = file.read_f32_rows(a, e * r..(e + 1) * r)?;
         let rows = file.read_f32_rows(b, self.rows.clone())?;
         let width = rows.len() / self.rows.len().max(1);
@@ -327,12 +381,58 @@ pub type Landing = (String, bool, ExpertSlice);
 pub type Find<'a> = &'a dyn Fn(&str) -> Option<(String, Vec<usize>)>;
 
 /// Find the stored tensors of `module.param` (`find` resolves a name against the base's tensors and
-/// returns its name and shape) and check each against the LoRA's shapes.
+/// returns its name and shape) and check each against the LoRA's shapes: A `[E*r, in_f]`, B `[out_f, E*r]`,
+/// laid out as `layout` says.
 pub fn locate(
     model_type: Option<&str>,
     module: &str,
     p: &ExpertParam,
     (in_f, out_f): (usize, usize),
+    layout: ParamLayout,
+    find: Find,
+) -> Result<Vec<Landing>> {
+    let swapped = || {
+        locate_as(
+            model_type,
+            module,
+            p,
+            (in_f, out_f),
+            transposed(model_type),
+            false,
+            find,
+        )
+    };
+    // PEFT < 0.19's factors read the other way round: the delta as [out, in] is [in_f, out_f], un-transposed.
+    let unswapped = || locate_as(model_type, module, p, (out_f, in_f), Some(false), true, find);
+    // 2-D parameters, and experts modules that set `is_transposed`, are read the same by every release.
+    if p.experts == 1 || transposed(model_type) == Some(true) {
+        return swapped();
+    }
+    match layout {
+        ParamLayout::Swapped => swapped(),
+        ParamLayout::Unswapped => unswapped(),
+        ParamLayout::Unknown if in_f == out_f => Err(Error::unsupported(
+            module,
+            format!(
+                "parameter {module}.{}: adapter_config.json has no peft_version, and for a square expert weight \
+                 PEFT < 0.19 and PEFT >= 0.19 lay out its LoRA factors differently (A [E*r, out] or [E*r, in]); \
+                 add \"peft_version\" (the PEFT release that wrote the adapter) to adapter_config.json",
+                p.name
+            ),
+        )),
+        ParamLayout::Unknown => swapped().or_else(|e| unswapped().map_err(|_| e)),
+    }
+}
+
+/// [`locate`] for one reading of the factors: `orientation` the experts module's (`[E, in, out]`: true),
+/// `unswapped` carried into the slices.
+fn locate_as(
+    model_type: Option<&str>,
+    module: &str,
+    p: &ExpertParam,
+    (in_f, out_f): (usize, usize),
+    orientation: Option<bool>,
+    unswapped: bool,
     find: Find,
 ) -> Result<Vec<Landing>> {
     let e_count = p.experts;
@@ -340,6 +440,7 @@ pub fn locate(
         experts: e_count,
         expert,
         rows: 0..out_f,
+        unswapped,
     };
     let key = format!("{module}.{}", p.name);
     for m in disk_modules(model_type, module) {
@@ -362,7 +463,7 @@ pub fn locate(
             }
             let rows = [out_f, in_f];
             let cols = [in_f, out_f];
-            let t = match transposed(model_type) {
+            let t = match orientation {
                 Some(t) => t,
                 None if in_f != out_f => shape[1..] == cols,
                 None => {
@@ -418,6 +519,7 @@ pub fn locate(
                         experts: e_count,
                         expert: Some(e),
                         rows: k * part..(k + 1) * part,
+                        unswapped,
                     };
                     landings.push((name, false, slice));
                 }
@@ -521,6 +623,7 @@ mod tests {
             "model.layers.0.mlp.experts",
             &p,
             (8, 12),
+            ParamLayout::Swapped,
             &finder(t.clone()),
         )
         .unwrap();
@@ -533,8 +636,80 @@ mod tests {
             experts: 3,
             ..p.clone()
         };
-        let err = locate(Some("mixtral"), "model.layers.0.mlp.experts", &p3, (8, 12), &finder(t)).unwrap_err();
+        let err = locate(
+            Some("mixtral"),
+            "model.layers.0.mlp.experts",
+            &p3,
+            (8, 12),
+            ParamLayout::Swapped,
+            &finder(t),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("experts.2.w1.weight"), "{err}");
+    }
+
+    #[test]
+    fn peft_versions_before_0_19_have_the_unswapped_layout() {
+        use ParamLayout::*;
+        for (v, want) in [
+            (Some("0.18.1"), Unswapped),
+            (Some("0.18.0.dev0"), Unswapped),
+            (Some("0.19.0"), Swapped),
+            (Some("0.21.2@3f1a2b"), Swapped),
+            (Some("1.0.0"), Swapped),
+            (Some("dev"), Unknown),
+            (None, Unknown),
+        ] {
+            assert_eq!(ParamLayout::from_version(v), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn unswapped_factors_land_transposed_in_per_expert_and_fused_tensors() {
+        // Qwen3-MoE gate_up_proj [E=2, 2I=6, H=4] in memory; PEFT 0.18 saved A [E*r, 6], B [4, E*r].
+        let p = ExpertParam {
+            name: "gate_up_proj".into(),
+            experts: 2,
+        };
+        let m = "model.layers.0.mlp.experts";
+        let mut t = Vec::new();
+        for e in ["0", "1"] {
+            for n in ["gate_proj", "up_proj"] {
+                t.push((&*format!("{m}.{e}.{n}.weight").leak(), vec![3, 4]));
+            }
+        }
+        let l = locate(
+            Some("qwen3_moe"),
+            m,
+            &p,
+            (6, 4),
+            ParamLayout::Unswapped,
+            &finder(t.clone()),
+        )
+        .unwrap();
+        assert_eq!(l.len(), 4);
+        assert!(l.iter().all(|(_, transposed, s)| !transposed && s.unswapped));
+        assert_eq!(l[1].2.rows, 3..6);
+        // Read as PEFT >= 0.19 the same factors do not fit, and with no version the shapes decide.
+        assert!(locate(
+            Some("qwen3_moe"),
+            m,
+            &p,
+            (6, 4),
+            ParamLayout::Swapped,
+            &finder(t.clone())
+        )
+        .is_err());
+        let u = locate(Some("qwen3_moe"), m, &p, (6, 4), ParamLayout::Unknown, &finder(t)).unwrap();
+        assert!(u[0].2.unswapped);
+        // GPT-OSS sets is_transposed: every release reads it alike.
+        let gpt = finder(vec![("model.layers.0.mlp.experts.gate_up_proj", vec![2, 4, 6])]);
+        let g = locate(Some("gpt_oss"), m, &p, (4, 6), ParamLayout::Unswapped, &gpt).unwrap();
+        assert!(g[0].1 && !g[0].2.unswapped);
+        // A square weight with no version cannot be read either way.
+        let square = finder(vec![("model.layers.0.mlp.experts.gate_up_proj", vec![2, 4, 4])]);
+        let err = locate(Some("qwen3_moe"), m, &p, (4, 4), ParamLayout::Unknown, &square).unwrap_err();
+        assert!(err.to_string().contains("peft_version"), "{err}");
     }
 
     #[test]
@@ -544,14 +719,46 @@ mod tests {
             experts: 4,
         };
         let gpt = finder(vec![("model.layers.0.mlp.experts.gate_up_proj", vec![4, 8, 16])]);
-        let l = locate(Some("gpt_oss"), "model.layers.0.mlp.experts", &p, (8, 16), &gpt).unwrap();
+        let l = locate(
+            Some("gpt_oss"),
+            "model.layers.0.mlp.experts",
+            &p,
+            (8, 16),
+            ParamLayout::Swapped,
+            &gpt,
+        )
+        .unwrap();
         assert!(l[0].1 && l[0].2.expert.is_none());
         // The same tensor in a model whose experts are [E, out, in] does not fit.
-        assert!(locate(Some("qwen3_moe"), "model.layers.0.mlp.experts", &p, (8, 16), &gpt).is_err());
+        assert!(locate(
+            Some("qwen3_moe"),
+            "model.layers.0.mlp.experts",
+            &p,
+            (8, 16),
+            ParamLayout::Swapped,
+            &gpt
+        )
+        .is_err());
         let square = finder(vec![("model.layers.0.mlp.experts.gate_up_proj", vec![4, 8, 8])]);
-        let err = locate(Some("unknown_moe"), "model.layers.0.mlp.experts", &p, (8, 8), &square).unwrap_err();
+        let err = locate(
+            Some("unknown_moe"),
+            "model.layers.0.mlp.experts",
+            &p,
+            (8, 8),
+            ParamLayout::Swapped,
+            &square,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("orientation"), "{err}");
-        let l = locate(Some("qwen3_moe"), "model.layers.0.mlp.experts", &p, (8, 8), &square).unwrap();
+        let l = locate(
+            Some("qwen3_moe"),
+            "model.layers.0.mlp.experts",
+            &p,
+            (8, 8),
+            ParamLayout::Swapped,
+            &square,
+        )
+        .unwrap();
         assert!(!l[0].1);
     }
 }

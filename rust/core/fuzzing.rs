@@ -278,6 +278,35 @@ mod tests {
         }
     }
 
+    /// The PEFT 0.18 seed reaches the unswapped reading: it plans against the per-expert Qwen3-MoE base, its
+    /// down_proj factors read the other way round.
+    #[test]
+    fn old_peft_seed_plans_unswapped() {
+        use crate::core::merge::plan::Step;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/expert_adapter");
+        let data = std::fs::read(root.join("seed-experts-peft018")).expect("seed");
+        let bases = moe_bases();
+        let (config, weights) = split(&data);
+        let dir = scratch().join("in");
+        write(&dir, CONFIG_NAME, config);
+        write(&dir, WEIGHTS_NAME, weights);
+        let base = Base::open(&bases[0]).expect("base");
+        let adapter = Adapter::open(&dir).expect("adapter");
+        let p = plan(&base, &[adapter], &MergeOptions::default()).expect("plans");
+        let unswapped = p
+            .jobs
+            .iter()
+            .flat_map(|j| j.steps.iter())
+            .filter_map(|s| match s {
+                Step::Lora { parts, .. } => Some(parts),
+                _ => None,
+            })
+            .flatten()
+            .filter(|p| p.expert.as_ref().is_some_and(|e| e.unswapped))
+            .count();
+        assert!(unswapped >= 4, "{unswapped}");
+    }
+
     /// The GGUF seeds reach the stacking: Qwen3-MoE and Mixtral checkpoints plan with stacked experts, a
     /// GPT-OSS one with its fused experts transposed and split.
     #[test]

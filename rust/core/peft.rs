@@ -41,6 +41,8 @@ pub struct AdapterConfig {
     modules_to_save_re: Vec<Regex>,
     /// LoRA on raw parameters (PEFT's `ParamWrapper`), e.g. `mlp.experts.gate_up_proj`.
     pub target_parameters: Vec<String>,
+    /// How its LoRAs on 3-D expert parameters are laid out (from `peft_version`).
+    pub param_layout: crate::core::experts::ParamLayout,
     pub fan_in_fan_out: bool,
     pub use_dora: bool,
     pub lora_bias: bool,
@@ -248,6 +250,7 @@ impl AdapterConfig {
             modules_to_save,
             modules_to_save_re,
             target_parameters,
+            param_layout: crate::core::experts::ParamLayout::from_version(get("peft_version").and_then(Value::as_str)),
             fan_in_fan_out: flag("fan_in_fan_out"),
             use_dora,
             lora_bias,

@@ -606,6 +606,47 @@ fn saved_tensors(adapters: &[Adapter]) -> Result<Vec<OutTensor>> {
     Ok(out)
 }
 
+/// Expert-parameter LoRAs are combined factor by factor, in the layout they are stored in, which the
+/// output keeps (the first adapter's `peft_version`): refuse adapters whose PEFT releases lay them out
+/// differently (PEFT < 0.19 reads a 3-D parameter's in and out the other way round, `experts::ParamLayout`).
+fn check_param_layouts(adapters: &[Adapter]) -> Result<()> {
+    let with_params: Vec<&Adapter> = adapters
+        .iter()
+        .filter(|a| {
+            a.modules
+                .iter()
+                .any(|m| m.param.as_ref().is_some_and(|p| p.experts > 1))
+        })
+        .collect();
+    let Some(first) = with_params.first() else {
+        return Ok(());
+    };
+    let version = |a: &Adapter| {
+        a.config
+            .raw
+            .get("peft_version")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    if let Some(other) = with_params
+        .iter()
+        .find(|a| a.config.param_layout != first.config.param_layout)
+    {
+        return Err(Error::unsupported(
+            other.weights_path(),
+            format!(
+                "expert LoRAs written by PEFT {} and by PEFT {} ({}) are laid out differently (PEFT < 0.19 reads a \
+                 3-D parameter's in and out the other way round), so their factors cannot be combined; merge the \
+                 adapters together into the base instead (lorafast merge BASE A B), which reads each as written",
+                version(first).unwrap_or_else(|| "(no peft_version)".into()),
+                version(other).unwrap_or_else(|| "(no peft_version)".into()),
+                first.weights_path().display(),
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Combine `adapters` into one PEFT LoRA adapter folder `out`.
 pub fn combine(
     adapters: &[PathBuf],
@@ -624,6 +665,7 @@ pub fn combine(
     if !opts.allow_different_bases {
         check_bases(&opened)?;
     }
+    check_param_layouts(&opened)?;
     let rank = new_rank(method, &opened, opts.rank)?;
     let jobs = jobs(&opened)?;
     let mut warnings = Vec::new();

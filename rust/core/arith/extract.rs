@@ -16,7 +16,7 @@ use super::{
 use crate::core::checkpoint::Checkpoint;
 use crate::core::dtype::FloatType;
 use crate::core::error::{Error, Result};
-use crate::core::experts::{self, targeted_params, wrapper_path, ExpertParam, Landing};
+use crate::core::experts::{self, targeted_params, wrapper_path, ExpertParam, Landing, ParamLayout};
 use crate::core::io::TensorEntry;
 use crate::core::layers::is_conv1d;
 use crate::core::layers::{is_embedding, is_embedding_or_output, leaf, HEADS};
@@ -505,6 +505,9 @@ pub fn extract(
         targeted.iter().copied().collect()
     };
     let mut config = json!({
+        // PEFT records the release that wrote an adapter (from 0.18); readers need it to tell the expert
+        // layouts of PEFT < 0.19 and >= 0.19 apart. lorafast writes the layout of the release it is tested on.
+        "peft_version": PEFT_LAYOUT_VERSION,
         "peft_type": "LORA",
         "task_type": task_type(&base_ck),
         "base_model_name_or_path": base.to_string_lossy(),
@@ -533,6 +536,9 @@ pub fn extract(
         warnings,
     })
 }
+
+/// The PEFT release whose adapter layout `extract` writes (the one the tests load its output with).
+pub const PEFT_LAYOUT_VERSION: &str = "0.21.2";
 
 /// A fused expert parameter to extract as a `target_parameters` LoRA: each expert's delta as PEFT's
 /// `ParamWrapper` sees it (`[out, in]`, `rows` x `cols`), assembled from the tensors in `landings`.
@@ -677,7 +683,7 @@ fn expert_targets(
             }
         }
         let find_base = |n: &str| find_in(base, n);
-        let landings = experts::locate(model_type, &module, &p, (n_in, n_out), &find_base)?;
+        let landings = experts::locate(model_type, &module, &p, (n_in, n_out), ParamLayout::Swapped, &find_base)?;
         for (name, _, _) in &landings {
             let (_, bt) = base.get(name).expect("located");
             let Some((_, tt)) = tuned.get(name) else {

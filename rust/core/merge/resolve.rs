@@ -154,12 +154,18 @@ fn resolve_modules(
                 let (_, entry) = base.ck.get(&key)?;
                 Some((key.clone(), base.logical_shape(&key, entry)))
             };
-            let landings = experts::locate(model_type, &m.module, p, (m.a_shape[1], m.b_shape[0]), &find).map_err(
-                |e| match e {
-                    Error::Shape { module, reason } => Error::shape(module, format!("{}: {reason}", path.display())),
-                    other => other,
-                },
-            )?;
+            let landings = experts::locate(
+                model_type,
+                &m.module,
+                p,
+                (m.a_shape[1], m.b_shape[0]),
+                adapter.config.param_layout,
+                &find,
+            )
+            .map_err(|e| match e {
+                Error::Shape { module, reason } => Error::shape(module, format!("{}: {reason}", path.display())),
+                other => other,
+            })?;
             for (key, transposed, slice) in landings {
                 check_mergeable(base, &key, &format!("parameter {}", m.pattern_key()))?;
                 let layout = if transposed { Layout::Transposed } else { Layout::Rows };
