@@ -30,6 +30,7 @@ __all__ = [
     "quantize_checkpoint",
     "dequantize_checkpoint",
     "GgufReport",
+    "gguf_architectures",
     "gguf_plan",
     "gguf_write",
     "gguf_encode_rows",
