@@ -261,15 +261,22 @@ mod tests {
 
     /// The expert seeds reach the planner: both layouts accept them (the fuzzer starts deep, not at a
     /// parse error).
-    #[test]
-    fn expert_seeds_plan_against_both_layouts() {
+    /// The two MoE bases `expert_adapter` plans against, and the adapter folder of an expert seed.
+    fn expert_seed(seed: &str) -> ([PathBuf; 2], PathBuf) {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/expert_adapter");
-        let data = std::fs::read(root.join("seed-experts-both")).expect("seed");
+        let data = std::fs::read(root.join(seed)).expect("seed");
+        // (before the adapter is written: making the bases clears the scratch folder)
         let bases = moe_bases();
         let (config, weights) = split(&data);
         let dir = scratch().join("in");
         write(&dir, CONFIG_NAME, config);
         write(&dir, WEIGHTS_NAME, weights);
+        (bases, dir)
+    }
+
+    #[test]
+    fn expert_seeds_plan_against_both_layouts() {
+        let (bases, dir) = expert_seed("seed-experts-both");
         for base in bases {
             let base = Base::open(&base).expect("base");
             let adapter = Adapter::open(&dir).expect("adapter");
@@ -283,13 +290,7 @@ mod tests {
     #[test]
     fn old_peft_seed_plans_unswapped() {
         use crate::core::merge::plan::Step;
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/expert_adapter");
-        let data = std::fs::read(root.join("seed-experts-peft018")).expect("seed");
-        let bases = moe_bases();
-        let (config, weights) = split(&data);
-        let dir = scratch().join("in");
-        write(&dir, CONFIG_NAME, config);
-        write(&dir, WEIGHTS_NAME, weights);
+        let (bases, dir) = expert_seed("seed-experts-peft018");
         let base = Base::open(&bases[0]).expect("base");
         let adapter = Adapter::open(&dir).expect("adapter");
         let p = plan(&base, &[adapter], &MergeOptions::default()).expect("plans");
