@@ -215,7 +215,7 @@ def test_bad_moe_pairs_are_one_line_naming_the_tensor(tmp_path, capsys, moe_tune
     no_leftovers(tmp_path)
 
 
-def test_a_changed_router_is_named_not_extracted(tmp_path, moe_tuned):
+def test_a_changed_router_is_named_not_extracted(tmp_path, capsys, moe_tuned):
     arch, base, tuned, _ = moe_tuned
     router = {
         "qwen3_moe": "model.layers.1.mlp.gate.weight",
@@ -231,6 +231,25 @@ def test_a_changed_router_is_named_not_extracted(tmp_path, moe_tuned):
     cfg = json.loads((r.output / "adapter_config.json").read_text())
     assert not any(m.endswith(".gate") or m == "gate" for m in cfg["target_modules"])
     assert any(router in w and "--modules-to-save" in w for w in r.warnings), r.warnings
+    # Carried in full, under the router's name in memory (Mixtral's mlp.gate), which PEFT loads and a merge
+    # puts back where the checkpoint stores it.
+    r = lorafast.extract(base, bad, tmp_path / "saved", rank=R, modules_to_save=True, progress=False)
+    cfg = json.loads((r.output / "adapter_config.json").read_text())
+    in_memory = router.replace("block_sparse_moe", "mlp").removesuffix(".weight")
+    assert cfg["modules_to_save"] == [in_memory], cfg["modules_to_save"]
+    pm = load_quiet(r.output, base)
+    got = dict(pm.merge_and_unload().named_parameters())[in_memory + ".weight"]
+    assert torch.equal(got, load_state_dict(bad)[router])
+    merged = lorafast.merge(base, [r.output], tmp_path / "merged", progress=False).output
+    assert torch.equal(load_state_dict(merged)[router], load_state_dict(bad)[router])
+    # A router named in targets is refused, never dropped without a word, alone or beside other targets.
+    leaf = router.split(".")[-2]
+    for targets in (leaf, f"q_proj,{leaf}"):
+        line = cli_error(
+            capsys, "extract", str(base), str(bad), "--rank", "2", "--targets", targets, "-o", str(tmp_path / "x")
+        )
+        assert f'target "{leaf}"' in line and "router" in line and "--modules-to-save" in line, line
+        no_leftovers(tmp_path, "x")
     # Explicit targets may name the expert parameters: full module.param names then.
     r = lorafast.extract(base, tuned, tmp_path / "gu", rank=R, targets=["q_proj", "gate_up_proj"], progress=False)
     cfg = json.loads((r.output / "adapter_config.json").read_text())
@@ -250,7 +269,9 @@ def test_qwen2_moe_shared_experts_are_ordinary_linears(tmp_path):
     pm.merge_and_unload().save_pretrained(tmp_path / "tuned")
     r = lorafast.extract(base, tmp_path / "tuned", tmp_path / "out", rank=1, progress=False)
     cfg = json.loads((r.output / "adapter_config.json").read_text())
-    assert "up_proj" in cfg["target_modules"] and "shared_expert_gate" in cfg["target_modules"]
+    # In full: PEFT >= 0.22 maps a bare up_proj on Qwen2-MoE onto experts.gate_up_proj as well (at rank 2r).
+    assert "model.layers.1.mlp.shared_expert.up_proj" in cfg["target_modules"], cfg["target_modules"]
+    assert "model.layers.1.mlp.shared_expert_gate" in cfg["target_modules"]
     assert sorted(cfg["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     got = expert_deltas(load_quiet(r.output, base))
     tuned_state = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "tuned")).state_dict()

@@ -139,6 +139,18 @@ pub fn peft_remapped_leaves(model_type: Option<&str>) -> &'static [&'static str]
     }
 }
 
+/// Module leaves that PEFT >= 0.22 also maps onto expert parameters when a `target_modules` entry ends in
+/// one: besides the model types above, Qwen2-MoE (added to its own `_MODEL_TO_CONVERSION_PATTERN`), where a
+/// bare `up_proj` aimed at the shared expert would pull in `experts.gate_up_proj` at rank 2r too. A name
+/// qualified by its parent (`shared_expert.up_proj`) maps to no expert parameter and stays a module target.
+pub fn peft_converted_leaves(model_type: Option<&str>) -> &'static [&'static str] {
+    match model_type {
+        Some("qwen2_moe") => &["gate", "gate_proj", "up_proj", "down_proj"],
+        Some("mixtral") => &["gate", "w1", "w3", "w2"],
+        _ => peft_remapped_leaves(model_type),
+    }
+}
+
 /// A wrapper saved in the adapter file: the module it belongs to and the parameter it wraps.
 #[derive(Debug, Clone)]
 pub struct Wrapped {
@@ -336,7 +348,7 @@ pub fn transposed(model_type: Option<&str>) -> Option<bool> {
 
 /// The module's names on disk: itself, and for Mixtral its `block_sparse_moe` name (transformers 5
 /// renames `.block_sparse_moe.` to `.mlp.` on load and back on save).
-fn disk_modules(model_type: Option<&str>, module: &str) -> Vec<String> {
+pub fn disk_modules(model_type: Option<&str>, module: &str) -> Vec<String> {
     let mut names = vec![module.to_string()];
     if model_type == Some("mixtral") && module.contains(".mlp.") {
         names.push(module.replace(".mlp.", ".block_sparse_moe."));

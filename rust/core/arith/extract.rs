@@ -100,10 +100,28 @@ fn targets(
         Some(names) => {
             for name in names {
                 let param = params.iter().any(|p| matches(&p.key(), name));
-                if !param && !linear.iter().any(|(_, m)| matches(m, name)) {
+                let hits: Vec<&str> = linear.iter().map(|(_, m)| *m).filter(|m| matches(m, name)).collect();
+                if !param && hits.is_empty() {
                     return Err(Error::InvalidArgument(format!(
                         "target {name:?} matches no 2-D weight in {}",
                         base.dir.display()
+                    )));
+                }
+                // A target that names a router or a remapped leaf: refused, never dropped without a word
+                // (a longer name picks the other modules it matches).
+                if let Some(first) = hits.iter().find(|m| not_lora(m)) {
+                    let why = if routers.contains(*first)
+                        || routers.contains(&experts::memory_module(model_type, first))
+                    {
+                        "an MoE router, which transformers 5 builds as a parameter, not an nn.Linear, so PEFT cannot \
+                         put a LoRA on it"
+                    } else {
+                        "a module PEFT renames into an expert parameter when it loads an adapter for this model type \
+                         (transformers_weight_conversion), so a LoRA on it would not load"
+                    };
+                    return Err(Error::InvalidArgument(format!(
+                        "target {name:?} matches {first}, {why}; leave it out of --targets and pass \
+                         --modules-to-save to carry its change in full"
                     )));
                 }
             }
@@ -416,17 +434,20 @@ pub fn extract(
         changed.iter().filter(|(m, _)| !targeted.contains(m.as_str())).collect();
     if opts.modules_to_save {
         for (module, _) in &carried {
-            to_save.push((*module).clone());
+            // PEFT names it as the module is named in memory (Mixtral's router: `mlp.gate`, not the
+            // checkpoint's `block_sparse_moe.gate`).
+            let in_memory = experts::memory_module(base_ck.model_type(), module);
+            to_save.push(in_memory.clone());
             let prefix = format!("{module}.");
-            for name in tuned_ck
+            for (name, param) in tuned_ck
                 .tensor_names()
-                .filter(|n| n.strip_prefix(&prefix).is_some_and(|p| !p.contains('.')))
+                .filter_map(|n| n.strip_prefix(&prefix).filter(|p| !p.contains('.')).map(|p| (n, p)))
             {
                 let (shard, entry) = tuned_ck.get(name).expect("listed");
                 saved.push(raw_tensor(
                     &tuned_ck.shards[shard],
                     entry,
-                    format!("{KEY_PREFIX}{name}"),
+                    format!("{KEY_PREFIX}{in_memory}.{param}"),
                 )?);
             }
         }
@@ -495,10 +516,13 @@ pub fn extract(
 
     // Leaf names when they pick exactly the extracted modules, else the full module names.
     let leaves: BTreeSet<&str> = targets.iter().map(|t| leaf(&t.module)).collect();
-    let by_leaf = all_modules
-        .iter()
-        .filter(|m| leaves.contains(leaf(m)))
-        .all(|m| targeted.contains(m.as_str()));
+    // A leaf PEFT's MoE conversion would map onto expert parameters is written in full.
+    let converted = experts::peft_converted_leaves(base_ck.model_type());
+    let by_leaf = !leaves.iter().any(|l| converted.contains(l))
+        && all_modules
+            .iter()
+            .filter(|m| leaves.contains(leaf(m)))
+            .all(|m| targeted.contains(m.as_str()));
     let target_modules: Vec<&str> = if by_leaf {
         leaves.into_iter().collect()
     } else {
@@ -677,6 +701,12 @@ fn expert_targets(
             experts: count,
         };
         let key = format!("{module}.{param}");
+        // The routers beside the experts, whether or not the experts are targeted.
+        if let Some(parent) = disk.strip_suffix(".experts") {
+            for r in ["gate", "router"] {
+                routers.insert(format!("{parent}.{r}"));
+            }
+        }
         if let Some(names) = &opts.targets {
             if !names.iter().any(|n| matches(&key, n)) {
                 continue;
@@ -706,11 +736,6 @@ fn expert_targets(
             }
         }
         check_rank(&key, opts.rank, n_out, n_in)?;
-        if let Some(parent) = disk.strip_suffix(".experts") {
-            for r in ["gate", "router"] {
-                routers.insert(format!("{parent}.{r}"));
-            }
-        }
         out.push(ExpertTarget {
             module,
             param: p,

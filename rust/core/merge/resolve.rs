@@ -70,6 +70,14 @@ impl<'a> Resolver<'a> {
     }
 
     fn find(&self, param: &str) -> Option<String> {
+        // PEFT saves names as modules are named in memory; transformers renames some on load (Mixtral's
+        // `block_sparse_moe` is `mlp`, its router saved by `modules_to_save` included).
+        experts::disk_modules(self.base.ck.model_type(), param)
+            .iter()
+            .find_map(|name| self.find_as_is(name))
+    }
+
+    fn find_as_is(&self, param: &str) -> Option<String> {
         let ck = &self.base.ck;
         if ck.contains(param) {
             return Some(param.to_string());
