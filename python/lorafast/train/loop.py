@@ -392,7 +392,11 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     if main:
         if not eval_enc:
             save_adapter(accelerator.unwrap_model(model))
-        tokenizer.save_pretrained(out / "adapter")
+        # A fresh copy: encoding with max_length leaves truncation set on the backend, which would be
+        # saved into tokenizer.json (and cut every later use of the tokenizer, GGUF's hash included).
+        saved = transformers.AutoTokenizer.from_pretrained(cfg.model)
+        saved.pad_token = tokenizer.pad_token
+        saved.save_pretrained(out / "adapter")
         if initial_dir is not None:
             import shutil
 
