@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import with_minilm_tokenizer
+from conftest import peft, with_minilm_tokenizer
 from safetensors.torch import load_file, save_file
 from test_moe import ARCHS, moe_config
 
@@ -42,8 +42,16 @@ def test_presets_and_names_resolve_to_modules_and_expert_parameters(arch):
         assert hits and all(shapes[n] == 3 for n in hits), (p, hits)
     mods, params = resolve_targets("attn-mlp", model)
     assert params == EXPERTS and not {"gate", "router", "shared_expert_gate"} & set(mods)
-    if arch == "qwen2_moe":  # the shared expert's Linears
-        assert mods == [*ATTN, "gate_proj", "up_proj", "down_proj"]
+    if arch == "qwen2_moe":  # the shared expert's Linears, by parent: PEFT >= 0.22 maps bare leaves onto experts
+        assert mods == [*ATTN, "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]
+    # PEFT applies them as given: every expert parameter at rank r, each MLP Linear a LoRA of its own.
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=mods, target_parameters=params)
+    lora_a = {n: p.shape for n, p in peft.get_peft_model(tiny_moe(arch), cfg).named_parameters() if "lora_A" in n}
+    experts = {n: s for n, s in lora_a.items() if ".experts." in n}
+    n_experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    assert experts and all(s[0] == 4 * n_experts for s in experts.values()), experts
+    if arch == "qwen2_moe":
+        assert any("shared_expert.up_proj" in n for n in lora_a)
     assert resolve_targets("q_proj,experts.gate_up_proj", model) == (["q_proj"], ["experts.gate_up_proj"])
     with pytest.raises(errors.InvalidArgumentError, match="unknown target module 'experts.up_proj'.*gate_up_proj"):
         resolve_targets("q_proj,experts.up_proj", model)

@@ -54,7 +54,7 @@ def resolve_targets(spec: str, model) -> tuple[list[str] | str, list[str]]:
         linear = _linear_leaves(model)
         mods = [m for m in attn if m in linear]
         if spec == "attn-mlp":  # shared experts / dense layers' MLP Linears (not routers: gate, router, *_gate)
-            mods += [m for m in ("gate_proj", "up_proj", "down_proj") if m in linear]
+            mods += _qualified_mlp_linears(model)
         return mods, experts
     if spec in family:
         return family[spec], []
@@ -81,3 +81,18 @@ def _linear_leaves(model) -> set[str]:
         for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
     }
+
+
+def _qualified_mlp_linears(model) -> list[str]:
+    """The MLP Linears beside an MoE block's experts (a shared expert, a dense layer's MLP) by parent and leaf
+    (`shared_expert.up_proj`): PEFT >= 0.22 maps a bare `up_proj` on these models onto the experts'
+    `gate_up_proj` as well, at twice the rank (`_convert_peft_config_moe`); a qualified name stays a module."""
+    import torch
+
+    names = []
+    for n, m in model.named_modules():
+        parts = n.split(".")
+        if isinstance(m, torch.nn.Linear) and len(parts) >= 2 and parts[-1] in ("gate_proj", "up_proj", "down_proj"):
+            names.append(".".join(parts[-2:]))
+    order = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
+    return sorted(set(names), key=lambda q: (q.split(".")[0], order[q.split(".")[1]]))
