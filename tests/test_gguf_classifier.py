@@ -187,27 +187,170 @@ def test_default_labels_head_the_converter_writes_does_not_load(llama_cpp, llama
 
 
 def test_every_trained_task_the_converter_registers_exports(llama_cpp_dir):
-    """The task architectures `lorafast train` builds (transformers' auto mappings for seq-cls, for the
-    model types lorafast writes GGUF for) against the converter's registry: each one it registers is
-    one lorafast gguf takes."""
+    """What `lorafast train` builds - transformers' auto mapping for the task, any model type it has -
+    against the converter's registry: every sequence classifier the converter registers is one lorafast
+    gguf writes, or refuses naming why llama.cpp cannot run it; so is every causal LM of the model types
+    lorafast writes GGUF for."""
     import re
 
     from transformers.models.auto import modeling_auto
 
-    from lorafast.train.models import TASKS
+    from lorafast import _core
 
     registry = set()
     for f in (llama_cpp_dir / "vendor" / "llama.cpp" / "conversion").glob("*.py"):
         for args in re.findall(r"ModelBase\.register\(([^)]*)\)", f.read_text()):
             registry |= set(re.findall(r'"([A-Za-z0-9_]+)"', args))
-    gguf_types = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3_moe", "gpt_oss", "bert"}
-    trained = set()
-    for _, (_, _, mapping) in TASKS.items():
-        names = getattr(modeling_auto, mapping)
-        trained |= {names[t] for t in gguf_types if t in names}
-    trained |= {modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t] for t in gguf_types - {"bert"}}
-    exported = trained & registry
-    assert "BertForSequenceClassification" in exported
-    from lorafast import _core
+    classifiers = set(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()) & registry
+    assert {"BertForSequenceClassification", "RobertaForSequenceClassification"} <= classifiers
+    gguf_types = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3_moe", "gpt_oss"}
+    causal = {modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t] for t in gguf_types} & registry
+    refused = dict(_core.gguf_not_runnable())
+    assert all("llama.cpp" in why for why in refused.values())
+    missing = (classifiers | causal) - set(_core.gguf_architectures()) - set(refused)
+    assert not missing, missing
 
-    assert exported <= set(_core.gguf_architectures()), exported - set(_core.gguf_architectures())
+
+def roberta_base(folder: Path, gpt2: Path) -> Path:
+    """A small random RobertaModel (the encoder a seq-cls run starts from) with GPT-2's real byte-level BPE
+    tokenizer.json (Roberta's is GPT-2's BPE; a tokenizer whose pre-tokenizer hash llama.cpp does not know
+    is refused by the converter and by lorafast alike), its end-of-text token the pad, as `train` sets it.
+    Roberta's positions start after the pad id: the pad + 1 rows before are what the converter drops."""
+    folder.mkdir(parents=True)
+    for f in gpt2.iterdir():
+        shutil.copy(f, folder / f.name)
+    vocab, pad = 50257, 50256
+    cfg = transformers.RobertaConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=pad + 1 + 64, pad_token_id=pad, type_vocab_size=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.RobertaModel(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def xlm_roberta_base(folder: Path) -> Path:
+    """A small random XLMRobertaModel with a sentencepiece unigram model trained here the way XLM-R's is laid
+    out (<unk> 0, <s> 1, </s> 2, no pad: transformers shifts every piece one on, fairseq's way)."""
+    import random
+
+    import sentencepiece as spm
+    from test_train import NEG, POS
+
+    folder.mkdir(parents=True)
+    rnd = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "fi", "ja", "wo", "bu"]
+    words = " ".join(POS + NEG + TEXTS).replace(",", " ").replace(".", " ").split()
+    words += ["".join(rnd.choice(syllables) for _ in range(rnd.randint(1, 4))) for _ in range(300)]
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rnd.choice(words) for _ in range(10)) for _ in range(2000)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "sentencepiece.bpe"), vocab_size=300, model_type="unigram",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    corpus.unlink()
+    (folder / "sentencepiece.bpe.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer"}))
+    cfg = transformers.XLMRobertaConfig(
+        vocab_size=302, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=2 + 64, pad_token_id=1, type_vocab_size=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.XLMRobertaModel(cfg).save_pretrained(str(folder))
+    assert len(transformers.AutoTokenizer.from_pretrained(str(folder))) == cfg.vocab_size
+    return folder
+
+
+@pytest.fixture(scope="module", params=["roberta", "xlm-roberta"])
+def roberta_trained(request, tmp_path_factory, gpt2_tokenizer_dir):
+    """A Roberta / XLM-RoBERTa sentiment classifier trained by `lorafast train` (LoRA on attention, the head
+    saved)."""
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "roberta":
+        base = roberta_base(root / "base", gpt2_tokenizer_dir)
+    else:
+        base = xlm_roberta_base(root / "base")
+    r = train(
+        model=str(base),
+        data=str(sentiment(root / "train.jsonl", 64, 0)),
+        out=str(root / "run"),
+        task="seq-cls",
+        r=8,
+        targets="query,key,value",
+        epochs=1,
+        batch_size=16,
+        lr=2e-3,
+        max_length=32,
+        progress=False,
+    )
+    # The tokenizer saved as the base's, without the truncation training encoded with.
+    saved = json.loads((r.adapter / "tokenizer.json").read_text())
+    assert saved["truncation"] is None
+    merged = lorafast.merge(base, [r.adapter], root / "merged", progress=False).output
+    return root, base, r.adapter, merged
+
+
+def roberta_logits(merged: Path, ids: list[list[int]]) -> np.ndarray:
+    """transformers' logits for these token ids, with llama.cpp's GELU."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+    for layer in model.roberta.encoder.layer:
+        layer.intermediate.intermediate_act_fn = GgmlGelu()
+    with torch.no_grad():
+        return np.concatenate([model(input_ids=torch.tensor([i])).logits.double().numpy() for i in ids])
+
+
+def llama_ids(llama_cpp, model: Path) -> list[list[int]]:
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(t.encode(), add_bos=True) for t in TEXTS]
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("file_type", list(BOUNDS))
+def test_trained_roberta_classifier_gguf_gives_transformers_logits(llama_cpp, roberta_trained, file_type):
+    root, base, adapter, merged = roberta_trained
+    out = root / f"cls-{file_type}.gguf"
+    lgguf.to_gguf(base, [adapter], out, type=file_type, progress=False)
+    ids = llama_ids(llama_cpp, out)
+    tok = transformers.AutoTokenizer.from_pretrained(str(merged))
+    assert ids == [tok(t)["input_ids"] for t in TEXTS]  # llama.cpp tokenizes as transformers does
+    ref = roberta_logits(merged, ids)
+    got = rank_scores(llama_cpp, out)
+    assert got.shape == ref.shape == (len(TEXTS), 2)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert err < BOUNDS[file_type], (file_type, err, got, ref)
+
+
+def test_roberta_classifier_gguf_is_the_converters_file(llama_cpp, llama_cpp_dir, roberta_trained, tmp_path):
+    """The converter maps Roberta's (and XLM-RoBERTa's) head itself (classifier.dense -> cls, out_proj ->
+    cls.output) and drops the position rows before the pad id; lorafast's file is its file, byte for byte,
+    but for the default labels it leaves out (without them llama.cpp sizes the head at one score and
+    refuses the file)."""
+    root, base, adapter, merged = roberta_trained
+    theirs = convert(llama_cpp_dir, merged, "f32", tmp_path / "theirs.gguf", "tiny")
+    ours = tmp_path / "ours.gguf"
+    lgguf.to_gguf(base, [adapter], ours, type="f32", name="tiny", progress=False)
+    t_ours, t_theirs = tensors(ours), tensors(theirs)
+    assert set(t_ours) == set(t_theirs) and {"cls.weight", "cls.output.weight"} <= set(t_ours)
+    for name, t in t_theirs.items():
+        assert t_ours[name] == t, name
+    assert t_ours["position_embd.weight"][1] == [64, 64]  # the pad + 1 rows dropped
+    f_ours, f_theirs = fields(ours), fields(theirs)
+    differ = {k for k in set(f_ours) | set(f_theirs) if f_ours.get(k) != f_theirs.get(k)}
+    assert differ == {"bert.classifier.output_labels"}, differ
+    assert b"LABEL_1" in f_ours["bert.classifier.output_labels"][-1]
+    with pytest.raises(ValueError):
+        rank_scores(llama_cpp, theirs)
+
+
+def test_a_classifier_llama_cpp_cannot_run_is_refused_naming_why(tmp_path, capsys):
+    """DistilBERT's head is pre_classifier, ReLU, classifier; llama.cpp runs tanh there: the converter's
+    file loads and gives other scores, so lorafast refuses it, in one line."""
+    from helpers import cli_error, no_leftovers
+
+    cfg = transformers.DistilBertConfig(vocab_size=128, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    transformers.DistilBertForSequenceClassification(cfg).save_pretrained(str(tmp_path / "distil"))
+    line = cli_error(capsys, "gguf", str(tmp_path / "distil"), "-o", str(tmp_path / "out"))
+    assert "DistilBertForSequenceClassification" in line and "ReLU" in line and "tanh" in line, line
+    no_leftovers(tmp_path)

@@ -31,6 +31,7 @@ __all__ = [
     "dequantize_checkpoint",
     "GgufReport",
     "gguf_architectures",
+    "gguf_not_runnable",
     "gguf_plan",
     "gguf_write",
     "gguf_encode_rows",
@@ -246,6 +247,7 @@ class GgufReport:
     def warnings(self) -> list[str]: ...
 
 def gguf_architectures() -> list[str]: ...
+def gguf_not_runnable() -> list[tuple[str, str]]: ...
 def gguf_plan(
     base: _Path,
     adapters: Sequence[_Path],

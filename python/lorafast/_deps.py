@@ -21,6 +21,7 @@ _PACKAGES = {
     "matplotlib": ("matplotlib", "torch"),
     "gguf": ("gguf", "gguf"),
     "sentencepiece": ("sentencepiece", "gguf"),
+    "google.protobuf": ("protobuf", "gguf"),
 }
 
 TRAINING = ("torch", "transformers", "peft", "accelerate")

@@ -517,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gguf", help="write GGUF for llama.cpp (adapters merged on the fly; optional 4-bit mixes)")
     g.add_argument(
         "base",
-        help="base model folder (Llama, Mistral, Mixtral, Qwen2, Qwen2/3-MoE, BERT; float or bitsandbytes 4-bit)",
+        help="base model folder (Llama, Mistral, Mixtral, Qwen2, Qwen2/3-MoE, GPT-OSS, BERT, Roberta classifiers; "
+        "float or bitsandbytes 4-bit)",
     )
     g.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT LoRA adapter folder(s) to merge")
     g.add_argument("-o", "--out", required=True, help="output .gguf file")

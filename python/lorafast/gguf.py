@@ -133,6 +133,8 @@ _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-12,
     },
 }
+# The architectures the converter's RobertaModel class converts that lorafast writes.
+_ROBERTA_ARCHITECTURES = ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # Where a config class differs from the rest: its `attribute_map` (config.json's name -> the attribute
 # to_dict() writes), a `default_theta` other than 10000, and the `None`s its __post_init__ leaves as they are.
@@ -565,6 +567,94 @@ def _vocab_bert(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
     _write_vocab(w, model_dir, "bert", pre, tokens, types)
 
 
+def _vocab_xlmroberta(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
+    """`BertModel._xlmroberta_set_vocab`: the sentencepiece unigram model (or, without one, tokenizer.json
+    as transformers loads it) as llama.cpp's T5 tokenizer, realigned to fairseq's ids as transformers does."""
+    import gguf
+
+    types_of = gguf.TokenType
+    spm_file = model_dir / "sentencepiece.bpe.model"
+    if spm_file.is_file():
+        require("lorafast gguf of an XLM-RoBERTa model (its sentencepiece model)", "google.protobuf")
+        from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+        proto.ParseFromString(spm_file.read_bytes())
+        if proto.trainer_spec.model_type != 1:
+            raise ValueError(f"{spm_file}: not a unigram sentencepiece model; the converter takes only those")
+        add_prefix = proto.normalizer_spec.add_dummy_prefix
+        remove_whitespaces = proto.normalizer_spec.remove_extra_whitespaces
+        charsmap = proto.normalizer_spec.precompiled_charsmap
+        sp = SentencePieceProcessor()
+        sp.LoadFromFile(str(spm_file))
+        vocab_size = max(hparams.get("vocab_size", 0), sp.vocab_size())
+    else:
+        from base64 import b64decode
+
+        from transformers import AutoTokenizer
+
+        tok: Any = AutoTokenizer.from_pretrained(model_dir)
+        tok_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        config_file = model_dir / "tokenizer_config.json"
+        tok_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        add_prefix = tok.add_prefix_space
+        remove_whitespaces = tok.clean_up_tokenization_spaces
+        charsmap = b64decode(tok_json["normalizer"]["precompiled_charsmap"])
+        vocab_size = max(hparams.get("vocab_size", 0), tok.vocab_size)
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(types_of.UNUSED)] * vocab_size
+    if spm_file.is_file():
+        ids = list(range(sp.vocab_size()))
+        flags = zip(sp.IsUnknown(ids), sp.IsControl(ids), sp.IsUnused(ids), sp.IsByte(ids))
+        for i, piece, score, (unknown, control, unused, byte) in zip(ids, sp.IdToPiece(ids), sp.GetScore(ids), flags):
+            tokens[i], scores[i] = piece.encode("utf-8"), score
+            types[i] = (
+                types_of.UNKNOWN
+                if unknown
+                else types_of.CONTROL
+                if control
+                else types_of.UNUSED
+                if unused
+                else types_of.BYTE
+                if byte
+                else types_of.NORMAL
+            )
+        # (realign tokens as transformers does: fairseq's <s> <pad> </s> <unk> first, every piece one on)
+        tokens = [b"<s>", b"<pad>", b"</s>", b"<unk>"] + tokens[3:-1]
+        scores = [0.0, 0.0, 0.0, 0.0] + scores[3:-1]
+        types = [types_of.CONTROL, types_of.CONTROL, types_of.CONTROL, types_of.UNKNOWN] + types[3:-1]
+    else:
+        added = tok.get_added_vocab()
+        unk_id = added.get(tok_config.get("unk_token"), tok_json["model"].get("unk_id", 3))
+        specials = set(tok.all_special_ids)
+        for i in range(tok.vocab_size):
+            if (piece := tok._convert_id_to_token(i)) is not None:
+                tokens[i], scores[i] = piece.encode("utf-8"), tok_json["model"]["vocab"][i][1]
+                types[i] = (
+                    types_of.UNKNOWN
+                    if i == unk_id
+                    else types_of.CONTROL
+                    if i in specials
+                    else types_of.USER_DEFINED
+                    if i in added.values()
+                    else types_of.NORMAL
+                )
+    from lorafast._gguf_vocab import SpecialVocab
+
+    w.add_tokenizer_model("t5")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(add_prefix)
+    w.add_token_type_count(hparams.get("type_vocab_size", 1))
+    w.add_remove_extra_whitespaces(remove_whitespaces)
+    if charsmap:
+        w.add_precompiled_charsmap(charsmap)
+    SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
 def _llama_vocab(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
     """`LlamaModel.set_vocab` for sentencepiece and byte-level BPE tokenizers."""
     config = model_dir / "tokenizer_config.json"
@@ -595,6 +685,12 @@ def metadata(
     w = gguf.GGUFWriter(None, arch)
     _general(w, model_dir, name, _parameter_counts(tensors))
     hparams = _hparams(model_dir)
+    hf_arch = (hparams.get("architectures") or [""])[0]
+    roberta = hf_arch in _ROBERTA_ARCHITECTURES
+    xlm_roberta = hf_arch == "XLMRobertaForSequenceClassification"
+    if roberta and (pad := hparams.get("pad_token_id")) is not None and "max_position_embeddings" in hparams:
+        # RobertaModel.__init__: positions start after the pad id; the rows before are dropped.
+        hparams = {**hparams, "max_position_embeddings": hparams["max_position_embeddings"] - (1 + pad)}
     converter_type = FILE_TYPES[outtype]
     if arch == "gpt2":
         w.add_block_count(hparams["n_layer"])
@@ -640,6 +736,12 @@ def metadata(
             _vocab_sentencepiece(w, model_dir, hparams)
         else:
             _vocab_gpt2(w, model_dir, hparams)
+    elif arch == "bert" and xlm_roberta:
+        _vocab_xlmroberta(w, model_dir, hparams)
+    elif arch == "bert" and roberta and (model_dir / "tokenizer.json").is_file():
+        # RobertaModel.set_vocab: byte-level BPE, then the token type count BertModel.set_vocab writes first.
+        _vocab_gpt2(w, model_dir, hparams)
+        w.add_token_type_count(hparams.get("type_vocab_size", 1))
     elif arch == "bert":
         _vocab_bert(w, model_dir, hparams)
     else:

@@ -60,6 +60,13 @@ pub fn gguf_architectures() -> Vec<&'static str> {
     gguf::arch::ARCHITECTURES.iter().map(|(name, _, _)| *name).collect()
 }
 
+/// The architectures the converter takes that `gguf_plan` refuses, since llama.cpp cannot run them as
+/// transformers does: (architecture, why).
+#[pyfunction]
+pub fn gguf_not_runnable() -> Vec<(&'static str, &'static str)> {
+    gguf::arch::NOT_RUNNABLE.to_vec()
+}
+
 /// The file `gguf_write` would write, as `GgufPlanTuple`.
 #[pyfunction]
 #[pyo3(signature = (base, adapters, *, file_type, weights=None, extra=Vec::new()))]

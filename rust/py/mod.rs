@@ -176,6 +176,7 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::dequantize_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(gguf::gguf_plan, m)?)?;
     m.add_function(wrap_pyfunction!(gguf::gguf_architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_not_runnable, m)?)?;
     m.add_function(wrap_pyfunction!(gguf::gguf_write, m)?)?;
     m.add_function(wrap_pyfunction!(gguf::gguf_encode_rows, m)?)?;
     m.add_function(wrap_pyfunction!(gguf::gguf_lora_plan, m)?)?;

@@ -13,6 +13,10 @@ pub enum Arch {
     /// `BertForSequenceClassification`: BERT with its pooler and classifier head, which llama.cpp runs
     /// as RANK pooling (`cls`: dense + tanh, then `cls.output`).
     BertClassifier,
+    /// `RobertaForSequenceClassification` / `XLMRobertaForSequenceClassification`: BERT's layers under
+    /// `roberta.`, position embeddings offset by the pad id, and a two-layer head (`classifier.dense`,
+    /// tanh, `classifier.out_proj`) that llama.cpp's RANK pooling runs as `cls`, `cls.output`.
+    RobertaClassifier,
     Gpt2,
 }
 
@@ -20,6 +24,11 @@ pub enum Arch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transform {
     None,
+    /// Roberta's position embeddings without their first `rows` rows (`RobertaModel.modify_tensors`:
+    /// positions start after the pad id, so those rows are never used).
+    DropRows {
+        rows: usize,
+    },
     /// Llama's q/k rows regrouped from HF's rotate-half order to GGML's interleaved pairs, per head.
     Permute {
         heads: usize,
@@ -47,7 +56,7 @@ impl Transform {
 /// The architecture strings the converter dispatches on (`config.json` `architectures[0]`) that lorafast
 /// writes, with their GGUF architecture and whether their tensor names lack the `model.` prefix the
 /// name map expects.
-pub const ARCHITECTURES: [(&str, Arch, bool); 11] = [
+pub const ARCHITECTURES: [(&str, Arch, bool); 13] = [
     ("LlamaForCausalLM", Arch::Llama, false),
     ("MistralForCausalLM", Arch::Llama, false),
     // Mixtral is llama with experts (`LlamaModel` registers it).
@@ -60,9 +69,19 @@ pub const ARCHITECTURES: [(&str, Arch, bool); 11] = [
     ("GptOssForCausalLM", Arch::GptOss, false),
     ("BertModel", Arch::Bert, false),
     ("BertForSequenceClassification", Arch::BertClassifier, false),
+    ("RobertaForSequenceClassification", Arch::RobertaClassifier, false),
+    ("XLMRobertaForSequenceClassification", Arch::RobertaClassifier, false),
     // GPT-2's tensors map (below), but nothing checks them against the converter yet: llama.cpp only
     // converts GPT-2 tokenizers whose pre-tokenizer it knows, so GPT2LMHeadModel is not listed.
 ];
+
+/// Architectures the converter registers that llama.cpp cannot run as transformers does, with why:
+/// refused, since no file gives the model's outputs.
+pub const NOT_RUNNABLE: [(&str, &str); 1] = [(
+    "DistilBertForSequenceClassification",
+    "llama.cpp's RANK pooling puts tanh after the head's first layer (pre_classifier), where DistilBERT \
+     puts ReLU (llama-graph.cpp, build_pooling), so no GGUF of it gives the model's scores",
+)];
 
 /// The GGUF architecture of `hf_arch`, and whether its names lack the `model.` prefix.
 pub fn arch_of(hf_arch: &str) -> Option<(Arch, bool)> {
@@ -74,6 +93,12 @@ pub fn arch_of(hf_arch: &str) -> Option<(Arch, bool)> {
 
 /// `arch_of`, or the error naming the model folder and the architectures lorafast converts.
 pub fn arch_in(dir: &std::path::Path, hf_arch: &str) -> crate::core::error::Result<(Arch, bool)> {
+    if let Some((_, why)) = NOT_RUNNABLE.iter().find(|(name, _)| *name == hf_arch) {
+        return Err(crate::core::error::Error::unsupported(
+            dir,
+            format!("architecture {hf_arch}: {why}"),
+        ));
+    }
     arch_of(hf_arch).ok_or_else(|| {
         let known: Vec<&str> = ARCHITECTURES.iter().map(|(name, _, _)| *name).collect();
         crate::core::error::Error::unsupported(
@@ -92,7 +117,7 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2moe",
             Arch::Qwen3Moe => "qwen3moe",
             Arch::GptOss => "gpt-oss",
-            Arch::Bert | Arch::BertClassifier => "bert",
+            Arch::Bert | Arch::BertClassifier | Arch::RobertaClassifier => "bert",
             Arch::Gpt2 => "gpt2",
         }
     }
@@ -103,6 +128,8 @@ impl Arch {
 pub struct Heads {
     pub n_head: usize,
     pub n_head_kv: usize,
+    /// Roberta's position offset: its pad token id + 1 (0 without a pad id, as the converter does).
+    pub position_offset: usize,
 }
 
 /// The GGUF name and transform of HF tensor `name`; None for a tensor the converter drops; an error
@@ -122,8 +149,12 @@ pub fn map_tensor(
     }
     // BERT: the converter strips `bert.`, renames gamma/beta and drops what an embedding model does not use.
     let bert_name;
-    let name = if matches!(arch, Arch::Bert | Arch::BertClassifier) {
-        let n = name.strip_prefix("bert.").unwrap_or(name);
+    let name = if matches!(arch, Arch::Bert | Arch::BertClassifier | Arch::RobertaClassifier) {
+        let n = if arch == Arch::RobertaClassifier {
+            name.strip_prefix("roberta.").unwrap_or(name)
+        } else {
+            name.strip_prefix("bert.").unwrap_or(name)
+        };
         // The converter drops the pooler of a classifier too, but transformers' logits go through it
         // (`BertPooler`: dense + tanh on the CLS row); llama.cpp's RANK pooling applies it as `cls`.
         let pooler = matches!(n, "pooler.dense.weight" | "pooler.dense.bias");
@@ -177,6 +208,11 @@ pub fn map_tensor(
             "classifier" => Some("cls.output".into()),
             _ => bert_tensor(stem),
         },
+        Arch::RobertaClassifier => match stem {
+            "classifier.dense" => Some("cls".into()),
+            "classifier.out_proj" => Some("cls.output".into()),
+            _ => bert_tensor(stem),
+        },
         Arch::Gpt2 => {
             if stem.ends_with(".attn") && suffix == "bias" || stem.ends_with(".attn.masked_bias") {
                 return Ok(None);
@@ -189,6 +225,11 @@ pub fn map_tensor(
         return Err(unmapped());
     };
     let transform = match arch {
+        Arch::RobertaClassifier if stem == "embeddings.position_embeddings" && heads.position_offset > 0 => {
+            Transform::DropRows {
+                rows: heads.position_offset,
+            }
+        }
         Arch::Llama if stem.ends_with("q_proj") => Transform::Permute { heads: heads.n_head },
         Arch::Llama if stem.ends_with("k_proj") => Transform::Permute {
             heads: if heads.n_head_kv > 0 {
@@ -406,6 +447,7 @@ mod tests {
         let h = Heads {
             n_head: 4,
             n_head_kv: 2,
+            position_offset: 2,
         };
         let m = |a, n| map_tensor(a, false, h, n).unwrap();
         assert_eq!(
@@ -428,6 +470,18 @@ mod tests {
         );
         assert_eq!(
             m(Arch::BertClassifier, "classifier.bias"),
+            Some(("cls.output.bias".into(), Transform::None))
+        );
+        assert_eq!(
+            m(Arch::RobertaClassifier, "roberta.embeddings.position_embeddings.weight"),
+            Some(("position_embd.weight".into(), Transform::DropRows { rows: 2 }))
+        );
+        assert_eq!(
+            m(Arch::RobertaClassifier, "classifier.dense.weight"),
+            Some(("cls.weight".into(), Transform::None))
+        );
+        assert_eq!(
+            m(Arch::RobertaClassifier, "classifier.out_proj.bias"),
             Some(("cls.output.bias".into(), Transform::None))
         );
         assert_eq!(

@@ -83,6 +83,7 @@ fn plan_all(adapter: &Adapter, base: &Checkpoint, outtype: FileType) -> Result<L
     let heads = Heads {
         n_head,
         n_head_kv: config_usize(base, &["n_kv_heads", "num_key_value_heads"]).unwrap_or(n_head),
+        position_offset: 0, // (position embeddings take no LoRA)
     };
     // The converter walks the adapter file in its stored order, pairing A and B by base tensor.
     let mut entries: Vec<_> = adapter.file.tensors().iter().collect();
@@ -226,6 +227,15 @@ pub fn write(
                     p[d * cols..(d + 1) * cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
                 }
                 p
+            }
+            Transform::DropRows { .. } => {
+                return Err(Error::unsupported(
+                    &adapter.dir,
+                    format!(
+                        "tensor {}: a LoRA on position embeddings has no llama.cpp LoRA form",
+                        t.key
+                    ),
+                ))
             }
             Transform::Experts { .. } | Transform::SplitBias => {
                 return Err(Error::unsupported(

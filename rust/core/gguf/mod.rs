@@ -123,6 +123,7 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
     let heads = Heads {
         n_head,
         n_head_kv: config_usize(base, &["n_kv_heads", "num_key_value_heads"]).unwrap_or(n_head),
+        position_offset: config_usize(base, &["pad_token_id"]).map_or(0, |p| p + 1),
     };
     if arch == Arch::Llama && n_head == 0 {
         return Err(Error::json(
@@ -273,6 +274,16 @@ fn plan_all(base: &Base, adapters: &[Adapter], opts: &GgufOptions) -> Result<(Gg
             (Transform::Transpose, _) => vec![cols, rows],
             (Transform::Experts { split }, &[e, a, b]) => vec![e, if split { b / 2 } else { b }, a],
             (Transform::SplitBias, &[e, b]) => vec![e, b / 2],
+            (Transform::DropRows { rows: k }, &[r, c]) if r > k => vec![r - k, c],
+            (Transform::DropRows { rows: k }, other) => {
+                return Err(Error::unsupported(
+                    dir,
+                    format!(
+                        "tensor {}: shape {other:?}, but the converter drops its first {k} rows (pad_token_id + 1)",
+                        job.out_name
+                    ),
+                ))
+            }
             _ => out.shape.clone(),
         };
         if transform.splits() && (cols % 2 != 0 || out.shape.len() == 1) {
@@ -587,6 +598,16 @@ impl GgufDest<'_> {
                 let mut out = vec![0u8; ty.row_bytes(cols) * (values.len() / cols)];
                 ty.encode_row(values, &mut out);
                 self.put(offset + (start / cols * ty.row_bytes(cols)) as u64, &out)
+            }
+            Transform::DropRows { rows: skip } => {
+                // Whole rows arrive (as for Transform::None); those before `skip` are not written.
+                let cols = t.cols;
+                let (first_row, n_rows) = (start / cols, values.len() / cols);
+                let from = skip.saturating_sub(first_row).min(n_rows);
+                let mut out = vec![0u8; ty.row_bytes(cols) * (n_rows - from)];
+                ty.encode_row(&values[from * cols..], &mut out);
+                let at = (first_row + from).saturating_sub(skip) * ty.row_bytes(cols);
+                self.put(offset + at as u64, &out)
             }
             Transform::Permute { heads } => {
                 // A matrix permutes rows; a bias (one row) permutes its elements. Rows stay within their
