@@ -354,3 +354,86 @@ def test_a_classifier_llama_cpp_cannot_run_is_refused_naming_why(tmp_path, capsy
     line = cli_error(capsys, "gguf", str(tmp_path / "distil"), "-o", str(tmp_path / "out"))
     assert "DistilBertForSequenceClassification" in line and "ReLU" in line and "tanh" in line, line
     no_leftovers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def modern_bert_trained(tmp_path_factory, gpt2_tokenizer_dir):
+    """A small random ModernBERT (GPT-2's real BPE tokenizer, its end-of-text token every special, as the
+    converter reads ModernBERT's BPE) with a sentiment head trained by `lorafast train`."""
+    root = tmp_path_factory.mktemp("modernbert")
+    base = root / "base"
+    base.mkdir()
+    for f in gpt2_tokenizer_dir.iterdir():
+        shutil.copy(f, base / f.name)
+    end = 50256
+    cfg = transformers.ModernBertConfig(
+        vocab_size=50257, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        global_attn_every_n_layers=3, local_attention=16, max_position_embeddings=128,
+        pad_token_id=end, bos_token_id=end, eos_token_id=end, cls_token_id=end, sep_token_id=end,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ModernBertModel(cfg).save_pretrained(str(base))
+    r = train(
+        model=str(base),
+        data=str(sentiment(root / "train.jsonl", 64, 0)),
+        out=str(root / "run"),
+        task="seq-cls",
+        r=8,
+        targets="Wqkv,Wo",
+        epochs=1,
+        batch_size=16,
+        lr=2e-3,
+        max_length=32,
+        progress=False,
+    )
+    merged = lorafast.merge(base, [r.adapter], root / "merged", progress=False).output
+    return root, base, r.adapter, merged
+
+
+def modern_bert_logits(merged: Path, ids: list[list[int]]) -> np.ndarray:
+    """transformers' logits for these token ids, with llama.cpp's GELU in the GLU and the head."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+    for layer in model.model.layers:
+        layer.mlp.act = GgmlGelu()
+    model.head.act = GgmlGelu()
+    with torch.no_grad():
+        return np.concatenate([model(input_ids=torch.tensor([i])).logits.double().numpy() for i in ids])
+
+
+@pytest.mark.parametrize("file_type", list(BOUNDS))
+def test_trained_modern_bert_classifier_gguf_gives_transformers_logits(llama_cpp, modern_bert_trained, file_type):
+    root, base, adapter, merged = modern_bert_trained
+    out = root / f"cls-{file_type}.gguf"
+    lgguf.to_gguf(base, [adapter], out, type=file_type, progress=False)
+    ids = llama_ids(llama_cpp, out)
+    ref = modern_bert_logits(merged, ids)
+    got = rank_scores(llama_cpp, out)
+    assert got.shape == ref.shape == (len(TEXTS), 2)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert err < BOUNDS[file_type], (file_type, err, got, ref)
+
+
+def test_modern_bert_classifier_gguf_is_the_converters_file(llama_cpp, llama_cpp_dir, modern_bert_trained, tmp_path):
+    """With named labels the converter writes ModernBERT's head as cls (head.dense), cls.norm, cls.output
+    (classifier): lorafast's file is its file, byte for byte. (With the default two labels it maps classifier
+    to cls as well, beside head.dense, and fails.)"""
+    root, base, adapter, merged = modern_bert_trained
+    named = tmp_path / "merged"
+    shutil.copytree(merged, named)
+    cfg = json.loads((named / "config.json").read_text())
+    cfg["id2label"], cfg["label2id"] = {"0": "negative", "1": "positive"}, {"negative": 0, "positive": 1}
+    (named / "config.json").write_text(json.dumps(cfg, indent=2))
+    theirs = convert(llama_cpp_dir, named, "f32", tmp_path / "theirs.gguf", "tiny")
+    ours = tmp_path / "ours.gguf"
+    lgguf.to_gguf(named, [], ours, type="f32", name="tiny", progress=False)
+    t_ours, t_theirs = tensors(ours), tensors(theirs)
+    assert set(t_ours) == set(t_theirs) and {"cls.weight", "cls.norm.weight", "cls.output.weight"} <= set(t_ours)
+    for name, t in t_theirs.items():
+        assert t_ours[name] == t, name
+    f_ours, f_theirs = fields(ours), fields(theirs)
+    differ = {k for k in set(f_ours) | set(f_theirs) if f_ours.get(k) != f_theirs.get(k)}
+    # The converter writes norm_eps as an RMS epsilon only; llama.cpp's modern-bert needs the LayerNorm one
+    # and refuses the converter's file without it.
+    assert differ == {"modern-bert.attention.layer_norm_epsilon"}, differ
+    with pytest.raises(ValueError):
+        rank_scores(llama_cpp, theirs)

@@ -310,7 +310,8 @@ def _text_params(w: Any, hparams: dict[str, Any], file_type: int) -> None:
         w.add_head_count_kv(v)
     if hparams.get("is_causal") is False:
         w.add_causal_attention(False)
-    rope = hparams["_rope"]
+    # (per layer type: the full-attention layers' rope, and the sliding ones' theta as its own key)
+    rope = hparams["_rope"].get("full_attention", hparams["_rope"])
     rope_type = rope.get("rope_type")
     if rope_type is not None and rope.get("factor") is not None:
         if rope_type == "linear":
@@ -332,6 +333,8 @@ def _text_params(w: Any, hparams: dict[str, Any], file_type: int) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     if (theta := rope.get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
+    if (theta := hparams["_rope"].get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(theta)
     if (v := _find(hparams, ["rms_norm_eps", "norm_eps"])) is not None:
         w.add_layer_norm_rms_eps(v)
     if (v := _find(hparams, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
@@ -414,7 +417,10 @@ def _pooling(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
                     )
                 break
     if (cp := hparams.get("classifier_pooling")) is not None:
-        w.add_classifier_pooling_type(modes[cp])
+        if cp not in ("cls", "mean"):
+            raise ValueError(f"{model_dir}: classifier_pooling {cp!r}; llama.cpp pools a classifier by cls or mean")
+        # (gguf-py's add_classifier_pooling_type, not on PyPI yet)
+        w.add_uint32(f"{w.arch}.classifier.pooling_type", modes[cp].value)
 
 
 def _looks_special(token: str) -> bool:
@@ -718,7 +724,7 @@ def metadata(
         # GptOssModel.set_gguf_parameters
         w.add_sliding_window(hparams["sliding_window"])
         w.add_expert_feed_forward_length(hparams["intermediate_size"])
-    elif arch == "bert":
+    elif arch in ("bert", "modern-bert"):
         w.add_causal_attention(False)
         _pooling(w, model_dir, hparams)
         labels = hparams.get("id2label")
@@ -728,6 +734,20 @@ def metadata(
         head = any(t[0] == "cls.output.weight" for t in tensors)
         if labels and (head or not dummy):
             w.add_classifier_output_labels([v for _, v in sorted(labels.items())])
+        if arch == "modern-bert":
+            if "layer_norm_eps" not in hparams and (eps := hparams.get("norm_eps")) is not None:
+                # The converter finds ModernBERT's norm_eps as an RMS epsilon only, and llama.cpp's
+                # modern-bert reads attention.layer_norm_epsilon (its norms are LayerNorms): without it the
+                # converter's file does not load.
+                w.add_layer_norm_eps(eps)
+            # ModernBertModel.set_gguf_parameters
+            w.add_sliding_window(hparams["local_attention"])
+            if (pattern := hparams.get("global_attn_every_n_layers")) is not None:
+                w.add_sliding_window_pattern(pattern)
+            w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+            w.add_vocab_size(hparams["vocab_size"])
+            if act := hparams.get("hidden_activation"):
+                w.add_string(f"{arch}.hidden_activation", act)  # (gguf-py's add_hidden_act, not on PyPI yet)
     w.add_quantization_version(QUANT_VERSION)
     if arch == "llama":
         _llama_vocab(w, model_dir, hparams)
@@ -736,6 +756,12 @@ def metadata(
             _vocab_sentencepiece(w, model_dir, hparams)
         else:
             _vocab_gpt2(w, model_dir, hparams)
+    elif arch == "modern-bert":
+        # ModernBertModel.set_vocab
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(True)
+        w.add_add_sep_token(True)
+        _vocab_gpt2(w, model_dir, hparams)
     elif arch == "bert" and xlm_roberta:
         _vocab_xlmroberta(w, model_dir, hparams)
     elif arch == "bert" and roberta and (model_dir / "tokenizer.json").is_file():

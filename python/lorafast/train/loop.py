@@ -210,6 +210,10 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     model = load_for_task(
         model_path, task_class(cfg.task), pad_token_id=tokenizer.pad_token_id, device=str(device), **load_kw, **extra
     )
+    # Every part of a new head is trained and saved in full, not only what PEFT's task type names
+    # (classifier / score): ModernBERT's head.dense and head.norm, DistilBERT's pre_classifier are new too,
+    # and would otherwise be random again wherever the adapter is loaded.
+    new_head = model._lorafast_new_modules if cfg.task == "seq-cls" else []
     task_type = TaskType.SEQ_CLS if cfg.task == "seq-cls" else TaskType.CAUSAL_LM
     if cfg.qlora and not use_cuda:
         warn_misread_4bit_rows(model)
@@ -239,6 +243,7 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         use_rslora=cfg.rslora,
         init_lora_weights=init,
         rank_pattern=dict(cfg.rank_pattern),
+        modules_to_save=new_head or None,
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()

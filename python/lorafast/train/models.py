@@ -85,8 +85,10 @@ def load_for_task(base: PathLike, cls, *, pad_token_id: Optional[int] = None, de
 
     if is_4bit_checkpoint(base):
         kw.setdefault("device_map", {"": device or "cpu"})
-    model = cls.from_pretrained(os.fspath(base), **kw)
+    model, info = cls.from_pretrained(os.fspath(base), output_loading_info=True, **kw)
     exact_4bit_on_cpu(model)
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
+    # The modules the checkpoint had no weights for: a task head transformers initialized at random.
+    model._lorafast_new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ()) if "." in k})
     return model

@@ -17,6 +17,9 @@ pub enum Arch {
     /// `roberta.`, position embeddings offset by the pad id, and a two-layer head (`classifier.dense`,
     /// tanh, `classifier.out_proj`) that llama.cpp's RANK pooling runs as `cls`, `cls.output`.
     RobertaClassifier,
+    /// `ModernBertForSequenceClassification`: `model.` layers with fused qkv and a GLU `Wi`, and a head
+    /// (`head.dense`, GELU, `head.norm`, `classifier`) llama.cpp runs as `cls`, `cls.norm`, `cls.output`.
+    ModernBertClassifier,
     Gpt2,
 }
 
@@ -56,7 +59,7 @@ impl Transform {
 /// The architecture strings the converter dispatches on (`config.json` `architectures[0]`) that lorafast
 /// writes, with their GGUF architecture and whether their tensor names lack the `model.` prefix the
 /// name map expects.
-pub const ARCHITECTURES: [(&str, Arch, bool); 13] = [
+pub const ARCHITECTURES: [(&str, Arch, bool); 14] = [
     ("LlamaForCausalLM", Arch::Llama, false),
     ("MistralForCausalLM", Arch::Llama, false),
     // Mixtral is llama with experts (`LlamaModel` registers it).
@@ -71,6 +74,7 @@ pub const ARCHITECTURES: [(&str, Arch, bool); 13] = [
     ("BertForSequenceClassification", Arch::BertClassifier, false),
     ("RobertaForSequenceClassification", Arch::RobertaClassifier, false),
     ("XLMRobertaForSequenceClassification", Arch::RobertaClassifier, false),
+    ("ModernBertForSequenceClassification", Arch::ModernBertClassifier, false),
     // GPT-2's tensors map (below), but nothing checks them against the converter yet: llama.cpp only
     // converts GPT-2 tokenizers whose pre-tokenizer it knows, so GPT2LMHeadModel is not listed.
 ];
@@ -118,6 +122,7 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3moe",
             Arch::GptOss => "gpt-oss",
             Arch::Bert | Arch::BertClassifier | Arch::RobertaClassifier => "bert",
+            Arch::ModernBertClassifier => "modern-bert",
             Arch::Gpt2 => "gpt2",
         }
     }
@@ -176,6 +181,12 @@ pub fn map_tensor(
     } else {
         name
     };
+    // ModernBERT: the converter strips `model.` before BERT's filter (which drops no ModernBERT tensor).
+    let name = if arch == Arch::ModernBertClassifier {
+        name.strip_prefix("model.").unwrap_or(name)
+    } else {
+        name
+    };
     if arch == Arch::GptOss {
         if let Some(mapped) = gpt_oss_tensor(name) {
             return Ok(Some(mapped));
@@ -208,6 +219,7 @@ pub fn map_tensor(
             "classifier" => Some("cls.output".into()),
             _ => bert_tensor(stem),
         },
+        Arch::ModernBertClassifier => modern_bert_tensor(stem),
         Arch::RobertaClassifier => match stem {
             "classifier.dense" => Some("cls".into()),
             "classifier.out_proj" => Some("cls.output".into()),
@@ -380,6 +392,34 @@ fn bert_tensor(stem: &str) -> Option<String> {
         "intermediate.dense" => "ffn_up",
         "output.dense" => "ffn_down",
         "output.LayerNorm" => "layer_output_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{n}.{t}"))
+}
+
+fn modern_bert_tensor(stem: &str) -> Option<String> {
+    let top = match stem {
+        "embeddings.tok_embeddings" => Some("token_embd"),
+        "embeddings.norm" => Some("token_embd_norm"),
+        "final_norm" => Some("output_norm"),
+        "head.dense" => Some("cls"),
+        "head.norm" => Some("cls.norm"),
+        // (the converter's `classifier.out_proj` rename, which it makes only for non-default labels:
+        // with the default two it maps `classifier` to `cls` as well, beside head.dense)
+        "classifier" => Some("cls.output"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.into());
+    }
+    let (n, rest) = block(stem, "layers.")?;
+    let t = match rest {
+        "attn_norm" => "attn_norm",
+        "attn.Wqkv" => "attn_qkv",
+        "attn.Wo" => "attn_output",
+        "mlp_norm" => "ffn_norm",
+        "mlp.Wi" => "ffn_up",
+        "mlp.Wo" => "ffn_down",
         _ => return None,
     };
     Some(format!("blk.{n}.{t}"))
