@@ -261,6 +261,28 @@ def xlm_roberta_base(folder: Path) -> Path:
     return folder
 
 
+def train_head(root: Path, base: Path, targets: str) -> tuple[Path, Path, Path, Path]:
+    """`lorafast train --task seq-cls` on BASE (LoRA on `targets`, the new head saved), then merged:
+    (root, base, adapter, merged)."""
+    r = train(
+        model=str(base),
+        data=str(sentiment(root / "train.jsonl", 64, 0)),
+        out=str(root / "run"),
+        task="seq-cls",
+        r=8,
+        targets=targets,
+        epochs=1,
+        batch_size=16,
+        lr=2e-3,
+        max_length=32,
+        progress=False,
+    )
+    # The tokenizer saved as the base's, without the truncation training encoded with.
+    assert json.loads((r.adapter / "tokenizer.json").read_text())["truncation"] is None
+    merged = lorafast.merge(base, [r.adapter], root / "merged", progress=False).output
+    return root, base, r.adapter, merged
+
+
 @pytest.fixture(scope="module", params=["roberta", "xlm-roberta"])
 def roberta_trained(request, tmp_path_factory, gpt2_tokenizer_dir):
     """A Roberta / XLM-RoBERTa sentiment classifier trained by `lorafast train` (LoRA on attention, the head
@@ -270,31 +292,17 @@ def roberta_trained(request, tmp_path_factory, gpt2_tokenizer_dir):
         base = roberta_base(root / "base", gpt2_tokenizer_dir)
     else:
         base = xlm_roberta_base(root / "base")
-    r = train(
-        model=str(base),
-        data=str(sentiment(root / "train.jsonl", 64, 0)),
-        out=str(root / "run"),
-        task="seq-cls",
-        r=8,
-        targets="query,key,value",
-        epochs=1,
-        batch_size=16,
-        lr=2e-3,
-        max_length=32,
-        progress=False,
-    )
-    # The tokenizer saved as the base's, without the truncation training encoded with.
-    saved = json.loads((r.adapter / "tokenizer.json").read_text())
-    assert saved["truncation"] is None
-    merged = lorafast.merge(base, [r.adapter], root / "merged", progress=False).output
-    return root, base, r.adapter, merged
+    return train_head(root, base, "query,key,value")
 
 
-def roberta_logits(merged: Path, ids: list[list[int]]) -> np.ndarray:
-    """transformers' logits for these token ids, with llama.cpp's GELU."""
+def logits_for(merged: Path, ids: list[list[int]]) -> np.ndarray:
+    """transformers' logits for these token ids, with llama.cpp's GELU wherever the encoder has one (BERT-style
+    intermediate layers, ModernBERT's GLU and head)."""
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
-    for layer in model.roberta.encoder.layer:
-        layer.intermediate.intermediate_act_fn = GgmlGelu()
+    for module in list(model.modules()):
+        for attr in ("intermediate_act_fn", "act"):
+            if isinstance(getattr(module, attr, None), torch.nn.Module):
+                setattr(module, attr, GgmlGelu())
     with torch.no_grad():
         return np.concatenate([model(input_ids=torch.tensor([i])).logits.double().numpy() for i in ids])
 
@@ -307,19 +315,25 @@ def llama_ids(llama_cpp, model: Path) -> list[list[int]]:
         llm.close()
 
 
-@pytest.mark.parametrize("file_type", list(BOUNDS))
-def test_trained_roberta_classifier_gguf_gives_transformers_logits(llama_cpp, roberta_trained, file_type):
-    root, base, adapter, merged = roberta_trained
+def gguf_score_error(llama_cpp, trained, file_type: str) -> tuple[list[list[int]], float]:
+    """The trained classifier written as GGUF of `file_type` and run in llama.cpp: its token ids, and its
+    scores' largest error against transformers' logits for those ids, relative to the largest logit."""
+    root, base, adapter, merged = trained
     out = root / f"cls-{file_type}.gguf"
     lgguf.to_gguf(base, [adapter], out, type=file_type, progress=False)
     ids = llama_ids(llama_cpp, out)
-    tok = transformers.AutoTokenizer.from_pretrained(str(merged))
-    assert ids == [tok(t)["input_ids"] for t in TEXTS]  # llama.cpp tokenizes as transformers does
-    ref = roberta_logits(merged, ids)
+    ref = logits_for(merged, ids)
     got = rank_scores(llama_cpp, out)
     assert got.shape == ref.shape == (len(TEXTS), 2)
-    err = float(np.abs(got - ref).max() / np.abs(ref).max())
-    assert err < BOUNDS[file_type], (file_type, err, got, ref)
+    return ids, float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("file_type", list(BOUNDS))
+def test_trained_roberta_classifier_gguf_gives_transformers_logits(llama_cpp, roberta_trained, file_type):
+    ids, err = gguf_score_error(llama_cpp, roberta_trained, file_type)
+    tok = transformers.AutoTokenizer.from_pretrained(str(roberta_trained[3]))
+    assert ids == [tok(t)["input_ids"] for t in TEXTS]  # llama.cpp tokenizes as transformers does
+    assert err < BOUNDS[file_type], (file_type, err)
 
 
 def test_roberta_classifier_gguf_is_the_converters_file(llama_cpp, llama_cpp_dir, roberta_trained, tmp_path):
@@ -373,44 +387,13 @@ def modern_bert_trained(tmp_path_factory, gpt2_tokenizer_dir):
     )  # fmt: skip
     torch.manual_seed(0)
     transformers.ModernBertModel(cfg).save_pretrained(str(base))
-    r = train(
-        model=str(base),
-        data=str(sentiment(root / "train.jsonl", 64, 0)),
-        out=str(root / "run"),
-        task="seq-cls",
-        r=8,
-        targets="Wqkv,Wo",
-        epochs=1,
-        batch_size=16,
-        lr=2e-3,
-        max_length=32,
-        progress=False,
-    )
-    merged = lorafast.merge(base, [r.adapter], root / "merged", progress=False).output
-    return root, base, r.adapter, merged
-
-
-def modern_bert_logits(merged: Path, ids: list[list[int]]) -> np.ndarray:
-    """transformers' logits for these token ids, with llama.cpp's GELU in the GLU and the head."""
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
-    for layer in model.model.layers:
-        layer.mlp.act = GgmlGelu()
-    model.head.act = GgmlGelu()
-    with torch.no_grad():
-        return np.concatenate([model(input_ids=torch.tensor([i])).logits.double().numpy() for i in ids])
+    return train_head(root, base, "Wqkv,Wo")
 
 
 @pytest.mark.parametrize("file_type", list(BOUNDS))
 def test_trained_modern_bert_classifier_gguf_gives_transformers_logits(llama_cpp, modern_bert_trained, file_type):
-    root, base, adapter, merged = modern_bert_trained
-    out = root / f"cls-{file_type}.gguf"
-    lgguf.to_gguf(base, [adapter], out, type=file_type, progress=False)
-    ids = llama_ids(llama_cpp, out)
-    ref = modern_bert_logits(merged, ids)
-    got = rank_scores(llama_cpp, out)
-    assert got.shape == ref.shape == (len(TEXTS), 2)
-    err = float(np.abs(got - ref).max() / np.abs(ref).max())
-    assert err < BOUNDS[file_type], (file_type, err, got, ref)
+    _, err = gguf_score_error(llama_cpp, modern_bert_trained, file_type)
+    assert err < BOUNDS[file_type], (file_type, err)
 
 
 def test_modern_bert_classifier_gguf_is_the_converters_file(llama_cpp, llama_cpp_dir, modern_bert_trained, tmp_path):
