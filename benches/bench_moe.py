@@ -103,7 +103,7 @@ def layer_specs(i: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def ensure_model(cache: Path) -> tuple[Path, Path]:
-    base, adapter, done = cache / "qwen3-moe-1.3b", cache / "qwen3-moe-adapter-r16", cache / "MOE_READY_V2"
+    base, adapter, done = cache / "qwen3-moe-1.3b", cache / "qwen3-moe-adapter-r16", cache / "MOE_READY_V3"
     if done.exists():
         return base, adapter
     t0 = time.perf_counter()
@@ -163,7 +163,12 @@ def ensure_model(cache: Path) -> tuple[Path, Path]:
         return rng.standard_normal(s, dtype=np.float32) * np.float32(scale)
 
     write_safetensors(adapter / "adapter_model.safetensors", sorted(specs), factor, "fp32")
+    from importlib.metadata import version
+
     cfg = {
+        # PEFT writes it from 0.18; readers need it to tell its expert layouts apart (gate_up_proj is square
+        # here: 2 * 512 == 1024). This is the layout of PEFT >= 0.19.
+        "peft_version": version("peft"),
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": R,

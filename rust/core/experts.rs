@@ -26,9 +26,11 @@
 //! the fused delta's first `I` rows land in the expert's gate weight and the rest in its up weight.
 //! GPT-OSS stores the fused parameters as they are in memory (`gate_up_proj [E, H, 2I]`, gate and up
 //! interleaved in its columns).
-use std::collections::{BTreeMap, HashMap};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::core::error::{Error, Result};
 use crate::core::io::SafetensorsFile;
@@ -316,7 +318,8 @@ impl ExpertSlice {
                 b_e.extend((0..r).map(|k| a_e[k * d1 + i]));
             }
             // B `[d2, E*r]`: expert e's columns `e, e+E, ...`, transposed to `[r, d2]`.
-            let bt = file.read_f32(b)?;
+            let d2_rows = file.get(b).map_or(0, |t| t.shape.first().copied().unwrap_or(1));
+            let bt = cached_rows(file, b, 0..d2_rows)?;
             let width = r * self.experts;
             let d2 = bt.len() / width.max(1);
             let mut a_out = Vec::with_capacity(r * d2);
@@ -326,7 +329,7 @@ impl ExpertSlice {
             return Ok((a_out, b_e));
         }
         let a_e = file.read_f32_rows(a, e * r..(e + 1) * r)?;
-        let rows = file.read_f32_rows(b, self.rows.clone())?;
+        let rows = cached_rows(file, b, self.rows.clone())?;
         let width = rows.len() / self.rows.len().max(1);
         let mut b_e = Vec::with_capacity(self.rows.len() * r);
         for row in rows.chunks_exact(width.max(1)) {
@@ -334,6 +337,30 @@ impl ExpertSlice {
         }
         Ok((a_e, b_e))
     }
+}
+
+/// B's rows `rows` as f32, read once for the experts that take their columns of them: the experts of one
+/// parameter are merged one after another, each reading all `E*r` columns of the same rows and keeping
+/// its `r`, so without this B is read E times over. The last few reads are kept per thread (bounded:
+/// three row sets, the gate, up and down parts of a layer).
+fn cached_rows(file: &SafetensorsFile, name: &str, rows: Range<usize>) -> Result<Arc<Vec<f32>>> {
+    type Key = (u64, String, Range<usize>);
+    thread_local! {
+        static RECENT: RefCell<VecDeque<(Key, Arc<Vec<f32>>)>> = const { RefCell::new(VecDeque::new()) };
+    }
+    let key: Key = (file.id, name.to_string(), rows.clone());
+    if let Some(hit) = RECENT.with(|c| c.borrow().iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())) {
+        return Ok(hit);
+    }
+    let values = Arc::new(file.read_f32_rows(name, rows)?);
+    RECENT.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= 3 {
+            c.pop_front();
+        }
+        c.push_back((key, values.clone()));
+    });
+    Ok(values)
 }
 
 /// How an experts module lays out a 3-D parameter: `[E, in, out]` (true) or `[E, out, in]`; None for a
@@ -574,6 +601,58 @@ mod tests {
 
     use super::*;
     use serde_json::json;
+
+    /// An adapter file with A `[E*r, 2]` and B `[3, E*r]` in f32, B's values `offset + column`.
+    fn factor_file(path: &Path, experts: usize, r: usize, offset: f32) -> SafetensorsFile {
+        use crate::core::dtype::FloatType;
+        use crate::core::io::{OutputFile, PlannedTensor};
+        let planned = |name: &str, shape: Vec<usize>| PlannedTensor {
+            name: name.into(),
+            dtype: safetensors::Dtype::F32,
+            shape,
+        };
+        let width = experts * r;
+        let tensors = [planned("a", vec![width, 2]), planned("b", vec![3, width])];
+        let out = OutputFile::create(path, &tensors, &HashMap::new()).unwrap();
+        let encode = |values: Vec<f32>| {
+            let mut bytes = vec![0u8; values.len() * 4];
+            FloatType::F32.encode(&values, &mut bytes);
+            bytes
+        };
+        out.write_at("a", 0, &encode(vec![1.0; width * 2])).unwrap();
+        let b: Vec<f32> = (0..3 * width).map(|i| offset + (i % width) as f32).collect();
+        out.write_at("b", 0, &encode(b)).unwrap();
+        out.finish().unwrap();
+        SafetensorsFile::open(path).unwrap()
+    }
+
+    /// B's rows are read once for all experts (kept per thread), and a file opened anew - rewritten at the
+    /// same path - is read anew, never served from what an earlier opening read.
+    #[test]
+    fn experts_share_one_read_of_b_but_not_across_openings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter.safetensors");
+        let (experts, r) = (2, 2);
+        let slice = ExpertSlice {
+            experts,
+            expert: None,
+            rows: 0..3,
+            unswapped: false,
+        };
+        let file = factor_file(&path, experts, r, 0.0);
+        // Rank-major: expert e's column k is B's column k*E + e.
+        for e in 0..experts {
+            let (_, b) = slice.factors(&file, "a", "b", r, e).unwrap();
+            let want: Vec<f32> = (0..3)
+                .flat_map(|_| (0..r).map(move |k| (k * experts + e) as f32))
+                .collect();
+            assert_eq!(b, want, "expert {e}");
+        }
+        drop(file);
+        let file = factor_file(&path, experts, r, 100.0);
+        let (_, b) = slice.factors(&file, "a", "b", r, 1).unwrap();
+        assert_eq!(b[..2], [101.0, 103.0]);
+    }
 
     fn cfg(targets: &[&str]) -> AdapterConfig {
         AdapterConfig::from_value(

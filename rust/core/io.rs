@@ -41,6 +41,9 @@ impl TensorEntry {
 #[derive(Debug)]
 pub struct SafetensorsFile {
     pub path: PathBuf,
+    /// Unique to this opening of the file in this process (a cache key that a later opening of a
+    /// rewritten file at the same path never matches).
+    pub id: u64,
     file: File,
     /// In data order.
     tensors: Vec<TensorEntry>,
@@ -78,8 +81,10 @@ impl SafetensorsFile {
             .collect();
         tensors.sort_by_key(|t| t.offset);
         let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
+            id: OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             file,
             tensors,
             index,
