@@ -25,6 +25,8 @@ __all__ = [
     "inspect_adapter",
     "quantize_4bit",
     "dequantize_4bit",
+    "float8_e4m3_encode",
+    "float8_e4m3_decode",
     "dequantize_nested",
     "parse_quant_state",
     "quantize_checkpoint",
@@ -198,6 +200,8 @@ def parse_quant_state(data: bytes) -> dict[str, Any]: ...
 def dequantize_4bit(
     packed: npt.NDArray[np.uint8], absmax: npt.NDArray[np.float32], quant_type: str, blocksize: int, n: int, dtype: str
 ) -> npt.NDArray[np.uint8]: ...
+def float8_e4m3_encode(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]: ...
+def float8_e4m3_decode(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
 def dequantize_nested(
     codes: npt.NDArray[np.uint8], nested_absmax: npt.NDArray[np.float32], offset: float, code: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]: ...

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod experts;
+pub mod float8;
 pub mod fuzzing;
 pub mod gguf;
 pub mod inspect;

@@ -194,3 +194,25 @@ pub fn dequantize_checkpoint(
     })?;
     merge_report(py, r)
 }
+
+/// f32 values cast to FP8 E4M3 codes as torch casts them (`core::float8`).
+#[pyfunction]
+pub fn float8_e4m3_encode<'py>(
+    py: Python<'py>,
+    values: PyReadonlyArray1<'_, f32>,
+) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let v = contiguous(&values, "values")?;
+    let codes: Vec<u8> = v.iter().map(|&x| crate::core::float8::f32_to_e4m3(x)).collect();
+    Ok(PyArray1::from_vec(py, codes))
+}
+
+/// FP8 E4M3 codes' values as f32.
+#[pyfunction]
+pub fn float8_e4m3_decode<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'_, u8>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let c = contiguous(&codes, "codes")?;
+    let values: Vec<f32> = c.iter().map(|&x| crate::core::float8::e4m3_to_f32(x)).collect();
+    Ok(PyArray1::from_vec(py, values))
+}
