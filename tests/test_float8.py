@@ -43,3 +43,61 @@ def test_the_cast_from_f32_is_torchs_bit_for_bit():
     assert np.array_equal(ours, theirs), x[ours != theirs][:10]
     nan = np.array([np.nan, -np.nan], np.float32)
     assert (_core.float8_e4m3_encode(nan) & 0x7F == 0x7F).all() and (torch_encode(nan) & 0x7F == 0x7F).all()
+
+
+def fp8_quantizer(block, scale_fmt):
+    """transformers' Fp8Quantize with the config it reads (weight_block_size, scale_fmt)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = SimpleNamespace(weight_block_size=list(block), scale_fmt=scale_fmt)
+    return Fp8Quantize(SimpleNamespace(quantization_config=config))
+
+
+def weight(rows: int, cols: int, block: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Blocks of very different magnitudes, the first all zero, values bf16-representable."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.logspace(-4, 1, cols).repeat(rows, 1)
+    w[: block[0], : block[1]] = 0.0
+    return w.bfloat16().float()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+@pytest.mark.parametrize("shape,block", [((256, 384), (128, 128)), ((256, 96), (128, 32)), ((64, 64), (1, 32))])
+def test_block_quantization_is_transformers_fp8_quantize(shape, block, scale_fmt):
+    w = weight(*shape, block)
+    theirs = fp8_quantizer(block, scale_fmt)._quantize_one("m.weight", w)
+    codes, inv = _core.fp8_quantize_blocks(w.numpy().ravel(), *shape, block, scale_fmt)
+    assert np.array_equal(codes, theirs["m.weight"].view(torch.uint8).numpy().ravel())
+    assert np.array_equal(inv, theirs["m.weight_scale_inv"].float().numpy().ravel())
+    if scale_fmt == "float":
+        # 1 / (448 / amax), not amax / 448: they differ in some blocks, so the rule is tested.
+        amax = w.reshape(shape[0] // block[0], block[0], -1, block[1]).abs().amax(dim=(1, 3)).numpy().ravel()
+        nonzero = amax > 0
+        assert (inv[nonzero] != (amax[nonzero] / np.float32(448))).any()
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (192, 200), (130, 129)])
+def test_block_dequantization_is_transformers_with_partial_edge_blocks(shape):
+    """Divisible grids against Fp8Dequantize (f32 product, then one cast); DeepSeek-V3-style partial edge
+    blocks (a ceil grid) against `_dequantize_fp8_weight` in f32, which takes them."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x3C  # no NaN codes
+    grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+    inv = torch.rand(grid, generator=g) * 1e-2 + 1e-5
+    ours = _core.fp8_dequantize_blocks(codes.numpy().ravel(), *shape, (128, 128), inv.numpy().ravel())
+    fp8 = codes.view(torch.float8_e4m3fn)
+    ref = _dequantize_fp8_weight(fp8.clone(), inv, [128, 128], torch.float32)
+    assert np.array_equal(ours, ref.numpy().ravel())
+    if shape[0] % 128 == 0 and shape[1] % 128 == 0:
+        direct = Fp8Dequantize(SimpleNamespace())._dequantize_one(fp8, inv, torch.float32)
+        assert np.array_equal(ours, direct.numpy().ravel())

@@ -27,6 +27,8 @@ __all__ = [
     "dequantize_4bit",
     "float8_e4m3_encode",
     "float8_e4m3_decode",
+    "fp8_quantize_blocks",
+    "fp8_dequantize_blocks",
     "dequantize_nested",
     "parse_quant_state",
     "quantize_checkpoint",
@@ -202,6 +204,12 @@ def dequantize_4bit(
 ) -> npt.NDArray[np.uint8]: ...
 def float8_e4m3_encode(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]: ...
 def float8_e4m3_decode(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
+def fp8_quantize_blocks(
+    values: npt.NDArray[np.float32], rows: int, cols: int, block: tuple[int, int], scale_fmt: str = "float"
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
+def fp8_dequantize_blocks(
+    codes: npt.NDArray[np.uint8], rows: int, cols: int, block: tuple[int, int], inv_scales: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]: ...
 def dequantize_nested(
     codes: npt.NDArray[np.uint8], nested_absmax: npt.NDArray[np.float32], offset: float, code: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]: ...

@@ -56,6 +56,101 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     code | sign
 }
 
+/// How a block's scale is stored: an f32, or (`ue8m0`, DeepSeek-V3.1 style) a power of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleFormat {
+    Float,
+    Ue8m0,
+}
+
+/// A `[rows, cols]` matrix in blocks of `block` (rows, cols); edge blocks may be partial (the scale grid is
+/// `ceil(rows / br) x ceil(cols / bc)`, as DeepSeek-V3's checkpoints store it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockGrid {
+    pub rows: usize,
+    pub cols: usize,
+    pub block: (usize, usize),
+}
+
+impl BlockGrid {
+    /// The scale grid's shape.
+    pub fn scales(&self) -> (usize, usize) {
+        (self.rows.div_ceil(self.block.0), self.cols.div_ceil(self.block.1))
+    }
+
+    /// The scale index of element (r, c).
+    fn scale_at(&self, r: usize, c: usize) -> usize {
+        (r / self.block.0) * self.scales().1 + c / self.block.1
+    }
+}
+
+/// transformers' `Fp8Quantize._quantize_one` (`integrations/finegrained_fp8.py`) on f32 values: per block,
+/// scale = 448 / amax as torch evaluates it (1 for an all-zero block), `weight_scale_inv` = 1 / scale (not amax / 448: the two
+/// differ in about a third of blocks), codes = clamp(x * scale, +-448) cast to E4M3. With `Ue8m0` the
+/// inverse is first rounded up to a power of two, 2^ceil(log2), and the scale is its exact reciprocal.
+/// Returns the codes and the inverse scales, row-major over the grid.
+pub fn quantize_blocks(values: &[f32], grid: BlockGrid, format: ScaleFormat) -> (Vec<u8>, Vec<f32>) {
+    let (sr, sc) = grid.scales();
+    let mut amax = vec![0f32; sr * sc];
+    for r in 0..grid.rows {
+        for (c, &x) in values[r * grid.cols..(r + 1) * grid.cols].iter().enumerate() {
+            let a = &mut amax[grid.scale_at(r, c)];
+            // (torch's amax propagates NaN; so does this)
+            if x.abs() > *a || x.is_nan() {
+                *a = x.abs();
+            }
+        }
+    }
+    let mut scales = Vec::with_capacity(amax.len());
+    let mut inv = Vec::with_capacity(amax.len());
+    for &m in &amax {
+        // torch computes `448 / amax` as `amax.reciprocal() * 448` (Tensor.__rtruediv__): two roundings.
+        let scale = if m > 0.0 { (1.0 / m) * E4M3_MAX } else { 1.0 };
+        let mut i = 1.0 / scale;
+        let mut s = scale;
+        if format == ScaleFormat::Ue8m0 {
+            i = pow2_ceil(i.max(f32::MIN_POSITIVE));
+            s = 1.0 / i;
+        }
+        scales.push(s);
+        inv.push(i);
+    }
+    let mut codes = vec![0u8; values.len()];
+    for r in 0..grid.rows {
+        for c in 0..grid.cols {
+            let x = values[r * grid.cols + c] * scales[grid.scale_at(r, c)];
+            codes[r * grid.cols + c] = f32_to_e4m3(x.clamp(-E4M3_MAX, E4M3_MAX));
+        }
+    }
+    (codes, inv)
+}
+
+/// 2^ceil(log2(x)) for a positive finite x, exactly (torch's float log2 could land on the integer for x
+/// just above a power of two; the bits cannot).
+fn pow2_ceil(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let exp = ((bits >> 23) & 0xFF) as i32;
+    let mant = bits & 0x7F_FFFF;
+    if exp == 0 {
+        // (x >= f32::MIN_POSITIVE: never subnormal here)
+        return f32::MIN_POSITIVE;
+    }
+    let e = exp - 127 + i32::from(mant != 0);
+    2f32.powi(e)
+}
+
+/// Dequantize E4M3 codes with their blocks' inverse scales: each value the f32 product code x scale, as
+/// transformers' `Fp8Dequantize` computes it before its one cast (and `_dequantize_fp8_weight` in f32,
+/// which takes partial edge blocks).
+pub fn dequantize_blocks(codes: &[u8], grid: BlockGrid, inv_scales: &[f32], out: &mut [f32]) {
+    for r in 0..grid.rows {
+        for c in 0..grid.cols {
+            let k = r * grid.cols + c;
+            out[k] = e4m3_to_f32(codes[k]) * inv_scales[grid.scale_at(r, c)];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,3 +216,67 @@ pub fn float8_e4m3_decode<'py>(
     let values: Vec<f32> = c.iter().map(|&x| crate::core::float8::e4m3_to_f32(x)).collect();
     Ok(PyArray1::from_vec(py, values))
 }
+
+fn block_grid(rows: usize, cols: usize, block: (usize, usize), n: usize) -> PyResult<crate::core::float8::BlockGrid> {
+    if block.0 == 0 || block.1 == 0 || rows * cols != n {
+        return Err(to_py(Error::InvalidArgument(format!(
+            "{n} values are not a [{rows}, {cols}] matrix in blocks of {block:?}"
+        ))));
+    }
+    Ok(crate::core::float8::BlockGrid { rows, cols, block })
+}
+
+/// E4M3 codes and their blocks' inverse scales.
+type Fp8Blocks<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>);
+
+/// transformers' fine-grained FP8 quantization of a `[rows, cols]` f32 matrix: (E4M3 codes, inverse scales).
+#[pyfunction]
+#[pyo3(signature = (values, rows, cols, block, scale_fmt="float"))]
+pub fn fp8_quantize_blocks<'py>(
+    py: Python<'py>,
+    values: PyReadonlyArray1<'_, f32>,
+    rows: usize,
+    cols: usize,
+    block: (usize, usize),
+    scale_fmt: &str,
+) -> PyResult<Fp8Blocks<'py>> {
+    use crate::core::float8::{quantize_blocks, ScaleFormat};
+    let v = contiguous(&values, "values")?;
+    let grid = block_grid(rows, cols, block, v.len())?;
+    let format = match scale_fmt {
+        "float" => ScaleFormat::Float,
+        "ue8m0" => ScaleFormat::Ue8m0,
+        other => {
+            return Err(to_py(Error::InvalidArgument(format!(
+                "scale_fmt {other:?}: use float or ue8m0"
+            ))))
+        }
+    };
+    let (codes, inv) = quantize_blocks(v, grid, format);
+    Ok((PyArray1::from_vec(py, codes), PyArray1::from_vec(py, inv)))
+}
+
+/// E4M3 codes of a `[rows, cols]` matrix times their blocks' inverse scales, as f32.
+#[pyfunction]
+pub fn fp8_dequantize_blocks<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'_, u8>,
+    rows: usize,
+    cols: usize,
+    block: (usize, usize),
+    inv_scales: PyReadonlyArray1<'_, f32>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let c = contiguous(&codes, "codes")?;
+    let s = contiguous(&inv_scales, "inv_scales")?;
+    let grid = block_grid(rows, cols, block, c.len())?;
+    let (sr, sc) = grid.scales();
+    if s.len() != sr * sc {
+        return Err(to_py(Error::InvalidArgument(format!(
+            "{} scales for a [{sr}, {sc}] grid",
+            s.len()
+        ))));
+    }
+    let mut out = vec![0f32; c.len()];
+    crate::core::float8::dequantize_blocks(c, grid, s, &mut out);
+    Ok(PyArray1::from_vec(py, out))
+}
