@@ -101,3 +101,23 @@ def test_block_dequantization_is_transformers_with_partial_edge_blocks(shape):
     if shape[0] % 128 == 0 and shape[1] % 128 == 0:
         direct = Fp8Dequantize(SimpleNamespace())._dequantize_one(fp8, inv, torch.float32)
         assert np.array_equal(ours, direct.numpy().ravel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_dequantization_is_transformers_convert_moe_packed_tensors(dtype):
+    """GPT-OSS's MXFP4 experts ([E, out, G, 16] blocks, [E, out, G] E8M0 scales): every nibble and a spread of
+    scales, extremes included (2^-127 subnormal, 2^128 infinite), against transformers' dequantizer."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    e, out, groups = 2, 6, 4
+    blocks = torch.randint(0, 256, (e, out, groups, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(100, 140, (e, out, groups), generator=g, dtype=torch.uint8)
+    scales[0, 0, :] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, G*32, out]
+    ours = _core.mxfp4_dequantize(blocks.numpy().ravel(), scales.numpy().ravel(), 16)
+    ours_t = torch.from_numpy(ours).reshape(e, out, groups * 32).transpose(1, 2).to(dtype)
+    assert ours_t.shape == theirs.shape
+    same = (ours_t == theirs) | (ours_t.isnan() & theirs.isnan())
+    assert bool(same.all()), (ours_t[~same][:5], theirs[~same][:5])
+    assert torch.equal(ours_t.float().signbit(), theirs.float().signbit())

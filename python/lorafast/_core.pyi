@@ -29,6 +29,7 @@ __all__ = [
     "float8_e4m3_decode",
     "fp8_quantize_blocks",
     "fp8_dequantize_blocks",
+    "mxfp4_dequantize",
     "dequantize_nested",
     "parse_quant_state",
     "quantize_checkpoint",
@@ -207,6 +208,9 @@ def float8_e4m3_decode(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
 def fp8_quantize_blocks(
     values: npt.NDArray[np.float32], rows: int, cols: int, block: tuple[int, int], scale_fmt: str = "float"
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
+def mxfp4_dequantize(
+    blocks: npt.NDArray[np.uint8], scales: npt.NDArray[np.uint8], bytes: int
+) -> npt.NDArray[np.float32]: ...
 def fp8_dequantize_blocks(
     codes: npt.NDArray[np.uint8], rows: int, cols: int, block: tuple[int, int], inv_scales: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]: ...

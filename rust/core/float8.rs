@@ -151,6 +151,31 @@ pub fn dequantize_blocks(codes: &[u8], grid: BlockGrid, inv_scales: &[f32], out:
     }
 }
 
+/// The E2M1 (FP4) values of MXFP4's nibbles (transformers' `FP4_VALUES`, `integrations/mxfp4.py`).
+pub const E2M1_VALUES: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// MXFP4 groups as GPT-OSS stores its experts (`*_blocks`: `bytes` bytes a group, two E2M1 values a byte,
+/// the low nibble first; `*_scales`: one E8M0 byte a group), as transformers' `_convert_moe_packed_tensors`
+/// dequantizes them before its transpose: `torch.ldexp(E2M1, scale - 127)`, exact (every such product
+/// from 2^-128 up is representable) but for an overflow to infinity at scale 255 (0.5 x 2^128 = 2^127 stays
+/// finite). `out` holds `2 * bytes` values a group.
+pub fn mxfp4_dequantize(blocks: &[u8], scales: &[u8], bytes: usize, out: &mut [f32]) {
+    for ((group, &scale), o) in blocks
+        .chunks_exact(bytes)
+        .zip(scales)
+        .zip(out.chunks_exact_mut(2 * bytes))
+    {
+        // 2^(scale - 127) is exact in f64; the product too; the cast to f32 rounds only an overflow.
+        let factor = f64::from_bits(((i64::from(scale) - 127 + 1023) as u64) << 52);
+        for (pair, &b) in o.chunks_exact_mut(2).zip(group) {
+            pair[0] = (f64::from(E2M1_VALUES[usize::from(b & 0x0F)]) * factor) as f32;
+            pair[1] = (f64::from(E2M1_VALUES[usize::from(b >> 4)]) * factor) as f32;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

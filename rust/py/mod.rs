@@ -174,6 +174,7 @@ fn lorafast_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::float8_e4m3_decode, m)?)?;
     m.add_function(wrap_pyfunction!(quant::fp8_quantize_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(quant::fp8_dequantize_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::mxfp4_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant::dequantize_nested, m)?)?;
     m.add_function(wrap_pyfunction!(quant::parse_quant_state, m)?)?;
     m.add_function(wrap_pyfunction!(quant::quantize_checkpoint, m)?)?;

@@ -280,3 +280,25 @@ pub fn fp8_dequantize_blocks<'py>(
     crate::core::float8::dequantize_blocks(c, grid, s, &mut out);
     Ok(PyArray1::from_vec(py, out))
 }
+
+/// MXFP4 groups (`bytes` bytes each, one E8M0 scale each) dequantized to f32, before transformers' transpose.
+#[pyfunction]
+pub fn mxfp4_dequantize<'py>(
+    py: Python<'py>,
+    blocks: PyReadonlyArray1<'_, u8>,
+    scales: PyReadonlyArray1<'_, u8>,
+    bytes: usize,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let b = contiguous(&blocks, "blocks")?;
+    let s = contiguous(&scales, "scales")?;
+    if bytes == 0 || b.len() != s.len() * bytes {
+        return Err(to_py(Error::InvalidArgument(format!(
+            "{} block bytes are not {} groups of {bytes}",
+            b.len(),
+            s.len()
+        ))));
+    }
+    let mut out = vec![0f32; 2 * b.len()];
+    crate::core::float8::mxfp4_dequantize(b, s, bytes, &mut out);
+    Ok(PyArray1::from_vec(py, out))
+}
