@@ -259,8 +259,6 @@ mod tests {
         }
     }
 
-    /// The expert seeds reach the planner: both layouts accept them (the fuzzer starts deep, not at a
-    /// parse error).
     /// The two MoE bases `expert_adapter` plans against, and the adapter folder of an expert seed.
     fn expert_seed(seed: &str) -> ([PathBuf; 2], PathBuf) {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/expert_adapter");
@@ -274,6 +272,8 @@ mod tests {
         (bases, dir)
     }
 
+    /// The expert seeds reach the planner: both layouts accept them (the fuzzer starts deep, not at a
+    /// parse error).
     #[test]
     fn expert_seeds_plan_against_both_layouts() {
         let (bases, dir) = expert_seed("seed-experts-both");
