@@ -89,9 +89,8 @@ fn targets(
     let all_modules: Vec<String> = linear.iter().map(|(_, m)| m.to_string()).collect();
     let remapped = experts::peft_remapped_leaves(model_type);
     // Routers are not nn.Linear; PEFT would rename a LoRA on a remapped leaf into an expert parameter.
-    let not_lora = |m: &str| {
-        routers.contains(m) || routers.contains(&experts::memory_module(model_type, m)) || remapped.contains(&leaf(m))
-    };
+    let is_router = |m: &str| routers.contains(m) || routers.contains(&experts::memory_module(model_type, m));
+    let not_lora = |m: &str| is_router(m) || remapped.contains(&leaf(m));
     let chosen: Vec<&(&TensorEntry, &str)> = match &opts.targets {
         None => linear
             .iter()
@@ -110,9 +109,7 @@ fn targets(
                 // A target that names a router or a remapped leaf: refused, never dropped without a word
                 // (a longer name picks the other modules it matches).
                 if let Some(first) = hits.iter().find(|m| not_lora(m)) {
-                    let why = if routers.contains(*first)
-                        || routers.contains(&experts::memory_module(model_type, first))
-                    {
+                    let why = if is_router(first) {
                         "an MoE router, which transformers 5 builds as a parameter, not an nn.Linear, so PEFT cannot \
                          put a LoRA on it"
                     } else {
