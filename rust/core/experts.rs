@@ -318,8 +318,7 @@ impl ExpertSlice {
                 b_e.extend((0..r).map(|k| a_e[k * d1 + i]));
             }
             // B `[d2, E*r]`: expert e's columns `e, e+E, ...`, transposed to `[r, d2]`.
-            let d2_rows = file.get(b).map_or(0, |t| t.shape.first().copied().unwrap_or(1));
-            let bt = cached_rows(file, b, 0..d2_rows)?;
+            let bt = cached_rows(file, b, 0..file.rows(b))?;
             let width = r * self.experts;
             let d2 = bt.len() / width.max(1);
             let mut a_out = Vec::with_capacity(r * d2);

@@ -114,8 +114,12 @@ impl SafetensorsFile {
 
     /// A whole float tensor as f32 (adapters: small tensors only).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let rows = self.get(name).map_or(0, |e| e.shape.first().copied().unwrap_or(1));
-        self.read_f32_rows(name, 0..rows)
+        self.read_f32_rows(name, 0..self.rows(name))
+    }
+
+    /// A tensor's length along its first dimension (1 for a scalar, 0 for a name it lacks).
+    pub fn rows(&self, name: &str) -> usize {
+        self.get(name).map_or(0, |e| e.shape.first().copied().unwrap_or(1))
     }
 
     /// Rows of a float tensor (along its first dimension) as f32, reading only their bytes.
