@@ -504,6 +504,29 @@ def _write_vocab(
     special.add_to_gguf(w, quiet=True)
 
 
+def _sentencepiece_pieces(sp: Any, n: int) -> Iterator[tuple[int, bytes, float, int]]:
+    """The first `n` pieces of a sentencepiece model: id, bytes, score and the converter's token type."""
+    import gguf
+
+    kinds = gguf.TokenType
+    # sentencepiece's calls take a list of ids: one call per property instead of one per token.
+    ids = list(range(n))
+    flags = zip(sp.IsUnknown(ids), sp.IsControl(ids), sp.IsUnused(ids), sp.IsByte(ids))
+    for i, piece, score, (unknown, control, unused, byte) in zip(ids, sp.IdToPiece(ids), sp.GetScore(ids), flags):
+        ty = (
+            kinds.UNKNOWN
+            if unknown
+            else kinds.CONTROL
+            if control
+            else kinds.UNUSED
+            if unused
+            else kinds.BYTE
+            if byte
+            else kinds.NORMAL
+        )
+        yield i, piece.encode("utf-8"), score, ty
+
+
 def _vocab_sentencepiece(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
     """`_set_vocab_sentencepiece`: tokenizer.model, added tokens, scores."""
     import gguf
@@ -515,23 +538,8 @@ def _vocab_sentencepiece(w: Any, model_dir: Path, hparams: dict[str, Any]) -> No
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    # sentencepiece's calls take a list of ids: one call per property instead of one per token.
-    ids = list(range(min(sp.vocab_size(), vocab_size)))
-    flags = zip(sp.IsUnknown(ids), sp.IsControl(ids), sp.IsUnused(ids), sp.IsByte(ids))
-    for i, piece, score, (unknown, control, unused, byte) in zip(ids, sp.IdToPiece(ids), sp.GetScore(ids), flags):
-        tokens[i] = piece.encode("utf-8")
-        scores[i] = score
-        types[i] = (
-            gguf.TokenType.UNKNOWN
-            if unknown
-            else gguf.TokenType.CONTROL
-            if control
-            else gguf.TokenType.UNUSED
-            if unused
-            else gguf.TokenType.BYTE
-            if byte
-            else gguf.TokenType.NORMAL
-        )
+    for i, piece, score, ty in _sentencepiece_pieces(sp, min(sp.vocab_size(), vocab_size)):
+        tokens[i], scores[i], types[i] = piece, score, ty
     added_file = model_dir / "added_tokens.json"
     if added_file.is_file():
         for key, i in json.loads(added_file.read_text(encoding="utf-8")).items():
@@ -611,21 +619,8 @@ def _vocab_xlmroberta(w: Any, model_dir: Path, hparams: dict[str, Any]) -> None:
     scores = [-10000.0] * vocab_size
     types = [int(types_of.UNUSED)] * vocab_size
     if spm_file.is_file():
-        ids = list(range(sp.vocab_size()))
-        flags = zip(sp.IsUnknown(ids), sp.IsControl(ids), sp.IsUnused(ids), sp.IsByte(ids))
-        for i, piece, score, (unknown, control, unused, byte) in zip(ids, sp.IdToPiece(ids), sp.GetScore(ids), flags):
-            tokens[i], scores[i] = piece.encode("utf-8"), score
-            types[i] = (
-                types_of.UNKNOWN
-                if unknown
-                else types_of.CONTROL
-                if control
-                else types_of.UNUSED
-                if unused
-                else types_of.BYTE
-                if byte
-                else types_of.NORMAL
-            )
+        for i, piece, score, ty in _sentencepiece_pieces(sp, sp.vocab_size()):
+            tokens[i], scores[i], types[i] = piece, score, ty
         # (realign tokens as transformers does: fairseq's <s> <pad> </s> <unk> first, every piece one on)
         tokens = [b"<s>", b"<pad>", b"</s>", b"<unk>"] + tokens[3:-1]
         scores = [0.0, 0.0, 0.0, 0.0] + scores[3:-1]
