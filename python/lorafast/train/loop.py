@@ -16,7 +16,7 @@ from lorafast import _core
 from lorafast._deps import TRAINING, require
 from lorafast.errors import InvalidArgumentError
 from lorafast.train import data as D
-from lorafast.train.models import TASKS, check_task, load_for_task, task_class
+from lorafast.train.models import TASKS, check_task, load_for_task_with_new_modules, task_class
 from lorafast.train.targets import resolve_targets
 
 
@@ -207,13 +207,13 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     load_kw: dict[str, Any] = {"device_map": {"": str(device)}} if use_cuda else {}
     extra = {"num_labels": len(labels)} if cfg.task == "seq-cls" else {}
-    model = load_for_task(
+    model, new_modules = load_for_task_with_new_modules(
         model_path, task_class(cfg.task), pad_token_id=tokenizer.pad_token_id, device=str(device), **load_kw, **extra
     )
     # Every part of a new head is trained and saved in full, not only what PEFT's task type names
     # (classifier / score): ModernBERT's head.dense and head.norm, DistilBERT's pre_classifier are new too,
     # and would otherwise be random again wherever the adapter is loaded.
-    new_head = model._lorafast_new_modules if cfg.task == "seq-cls" else []
+    new_head = new_modules if cfg.task == "seq-cls" else []
     task_type = TaskType.SEQ_CLS if cfg.task == "seq-cls" else TaskType.CAUSAL_LM
     if cfg.qlora and not use_cuda:
         warn_misread_4bit_rows(model)

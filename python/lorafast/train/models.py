@@ -81,6 +81,14 @@ def saved_pad_token_id(folder: PathLike) -> Optional[int]:
 def load_for_task(base: PathLike, cls, *, pad_token_id: Optional[int] = None, device: Optional[str] = None, **kw):
     """`cls.from_pretrained(base)`; a 4-bit base placed by bitsandbytes and computed exactly; the model's
     pad_token_id set from `pad_token_id` where its config has none."""
+    return load_for_task_with_new_modules(base, cls, pad_token_id=pad_token_id, device=device, **kw)[0]
+
+
+def load_for_task_with_new_modules(
+    base: PathLike, cls, *, pad_token_id: Optional[int] = None, device: Optional[str] = None, **kw
+) -> tuple[Any, list[str]]:
+    """`load_for_task`, and the modules the checkpoint had no weights for (a task head transformers
+    initialized at random)."""
     from lorafast.merge import is_4bit_checkpoint
 
     if is_4bit_checkpoint(base):
@@ -89,6 +97,4 @@ def load_for_task(base: PathLike, cls, *, pad_token_id: Optional[int] = None, de
     exact_4bit_on_cpu(model)
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
-    # The modules the checkpoint had no weights for: a task head transformers initialized at random.
-    model._lorafast_new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ()) if "." in k})
-    return model
+    return model, sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ()) if "." in k})
